@@ -1,0 +1,267 @@
+"""Checks a JSON Schema cannot express: relations between keys, and what the runtime does
+not support yet. Each check yields problems; every check runs, so all are reported at once."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from launcher.problems import Problem, error, warning
+from rlhf.config import ROLES, JobSpec, ModelConfig, Parallel
+from rlhf.data_sources import parse_source
+
+TRAINED = ("actor", "critic")
+Check = Callable[[JobSpec], Iterator[Problem]]
+CHECKS: list[Check] = []
+
+
+def check(fn: Check) -> Check:
+    CHECKS.append(fn)
+    return fn
+
+
+def _model(role: str) -> str:
+    return f"model_configs.{role}"
+
+
+def micro_batch(spec: JobSpec, role: str) -> int:
+    """The training micro batch of actor or critic: train_config's, else train_kwargs.micro_bsz."""
+    explicit = getattr(spec.train_config, f"{role}_micro_bs")
+    if explicit is not None:
+        return explicit
+    kwargs = spec.model_configs.roles()[role].trainer_config.train_kwargs
+    return kwargs.micro_bsz if kwargs is not None and kwargs.micro_bsz is not None else 1
+
+
+def minibatch(spec: JobSpec, role: str) -> int:
+    return spec.train_config.ppo_minibatch if role == "actor" else spec.train_config.value_minibatch
+
+
+@check
+def model_types_match_roles(spec: JobSpec) -> Iterator[Problem]:
+    for role, model in spec.model_configs.roles().items():
+        if model.model_type is not None and model.model_type != role:
+            yield error(f"{_model(role)}.model_type", f"found {model.model_type!r} under {role!r}, expected {role!r}")
+
+
+def _unsupported_parallel(prefix: str, parallel: Parallel, tensor_ok: bool = False) -> Iterator[Problem]:
+    if parallel.tensor.size > 1 and not tensor_ok:
+        yield error(f"{prefix}.tensor.size", f"found {parallel.tensor.size}: tensor parallelism here is not supported yet; expected 1")
+    if parallel.pipeline.size > 1:
+        yield error(f"{prefix}.pipeline.size", f"found {parallel.pipeline.size}: pipeline parallelism is not supported yet; expected 1")
+    if parallel.pipeline.interleaved_overlap:
+        yield error(f"{prefix}.pipeline.interleaved_overlap", "found true: interleaved pipelines are not supported yet; expected false")
+    if parallel.sequence:
+        yield error(f"{prefix}.sequence", "found true: sequence parallelism is not supported yet; expected false")
+
+
+@check
+def parallel_layouts_supported(spec: JobSpec) -> Iterator[Problem]:
+    for role, model in spec.model_configs.roles().items():
+        yield from _unsupported_parallel(f"{_model(role)}.trainer_config.parallel", model.trainer_config.parallel, False)
+    gen = spec.model_configs.actor.generator_config
+    if not gen.shared_with_trainer:
+        prefix = f"{_model('actor')}.generator_config.parallel"
+        yield from _unsupported_parallel(prefix, gen.parallel, tensor_ok=True)  # checked below, with the reason
+        if gen.parallel.tensor.size > 1 and gen.generator_type != "vllm":
+            yield error(f"{prefix}.tensor.size", f"found {gen.parallel.tensor.size} with generator_type 'hf': only vLLM generators shard a model; use generator_type: vllm or size 1")
+        if gen.parallel.data.mode != "ddp":
+            yield error(f"{prefix}.data.mode", f"found {gen.parallel.data.mode!r}: a generator only runs inference; expected 'ddp'")
+
+
+@check
+def generator_sharing(spec: JobSpec) -> Iterator[Problem]:
+    gen = spec.model_configs.actor.generator_config
+    prefix = f"{_model('actor')}.generator_config"
+    if gen.shared_with_trainer and gen.generator_type == "vllm":
+        yield error(f"{prefix}.generator_type", "found 'vllm' with shared_with_trainer true: a vLLM generator needs its own GPUs; set shared_with_trainer: false or generator_type: hf")
+    if gen.shared_with_trainer and gen.parallel != Parallel():
+        yield error(f"{prefix}.parallel", "set, but a generator shared with the trainer uses the actor's layout; remove it or set shared_with_trainer: false")
+
+
+@check
+def deepspeed_configs(spec: JobSpec) -> Iterator[Problem]:
+    for role, model in spec.model_configs.roles().items():
+        tc = model.trainer_config
+        prefix = f"{_model(role)}.trainer_config"
+        mode = tc.parallel.data.mode
+        if mode == "deepspeed" and role not in TRAINED:
+            yield error(f"{prefix}.parallel.data.mode", f"found 'deepspeed' for {role}, which only runs inference: DeepSpeed inference is not supported yet; expected 'ddp'")
+            continue
+        if mode == "deepspeed":
+            stage = (tc.deepspeed_config or {}).get("zero_optimization", {}).get("stage")
+            if tc.deepspeed_config is None:
+                yield error(f"{prefix}.deepspeed_config", "missing; data.mode 'deepspeed' needs a deepspeed_config with zero_optimization.stage (e.g. {zero_optimization: {stage: 3}})")
+            elif stage not in (0, 1, 2, 3):
+                yield error(f"{prefix}.deepspeed_config.zero_optimization.stage", f"found {stage!r}, expected a ZeRO stage 0, 1, 2 or 3")
+            else:
+                yield from _deepspeed_batch_keys(spec, role, prefix + ".deepspeed_config")
+                yield from _deepspeed_precision_keys(tc.deepspeed_config, prefix + ".deepspeed_config")
+        elif tc.deepspeed_config is not None:
+            yield error(f"{prefix}.deepspeed_config", f"set, but parallel.data.mode is {mode!r}; set mode: deepspeed or remove deepspeed_config")
+
+
+def _deepspeed_batch_keys(spec: JobSpec, role: str, prefix: str) -> Iterator[Problem]:
+    ds = spec.model_configs.roles()[role].trainer_config.deepspeed_config
+    dp = spec.model_configs.roles()[role].trainer_config.parallel.data.size
+    micro = micro_batch(spec, role)
+    total = minibatch(spec, role)
+    expected = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": total // (dp * micro) if total % (dp * micro) == 0 else None,
+        "train_batch_size": total,
+    }
+    for key, value in expected.items():
+        if key in ds and value is not None and ds[key] != value:
+            yield error(f"{prefix}.{key}", f"found {ds[key]!r}, expected {value} (derived from train_config and data size {dp}); remove it to have it derived")
+
+
+def _deepspeed_precision_keys(ds: dict, prefix: str) -> Iterator[Problem]:
+    for section in ("bf16", "fp16"):
+        block = ds.get(section)
+        if isinstance(block, dict) and "enable" in block and "enabled" not in block:
+            yield error(f"{prefix}.{section}.enable", "unknown DeepSpeed key (did you mean 'enabled'?)")
+
+
+@check
+def only_trained_models_have_optimizers(spec: JobSpec) -> Iterator[Problem]:
+    for role in ("reference", "reward"):
+        if spec.model_configs.roles()[role].trainer_config.train_kwargs is not None:
+            yield error(f"{_model(role)}.trainer_config.train_kwargs", f"set, but the {role} model is not trained; remove it")
+
+
+@check
+def micro_batch_sources_agree(spec: JobSpec) -> Iterator[Problem]:
+    for role in TRAINED:
+        explicit = getattr(spec.train_config, f"{role}_micro_bs")
+        kwargs = spec.model_configs.roles()[role].trainer_config.train_kwargs
+        if explicit is not None and kwargs is not None and kwargs.micro_bsz is not None and kwargs.micro_bsz != explicit:
+            yield warning(f"{_model(role)}.trainer_config.train_kwargs.micro_bsz", f"{kwargs.micro_bsz} is overridden by train_config.{role}_micro_bs ({explicit})")
+
+
+def _nearby_multiples(value: int, unit: int) -> str:
+    low = max(unit, value // unit * unit)
+    options = sorted({low, low + unit} - {value})
+    return " or ".join(str(o) for o in options)
+
+
+@check
+def batch_sizes_divide(spec: JobSpec) -> Iterator[Problem]:
+    tc = spec.train_config
+    rollout = spec.dataset_config.num_samples_each_epoch
+    for key in ("ppo_minibatch", "value_minibatch"):
+        size = getattr(tc, key)
+        if rollout % size:
+            yield error(f"train_config.{key}", f"found {size}, expected a divisor of dataset_config.num_samples_each_epoch ({rollout}) so that every optimizer step sees the same number of sequences")
+    for role in TRAINED:
+        dp = spec.model_configs.roles()[role].trainer_config.parallel.data.size
+        micro = micro_batch(spec, role)
+        size = minibatch(spec, role)
+        key = "ppo_minibatch" if role == "actor" else "value_minibatch"
+        if size % (dp * micro):
+            yield error(
+                f"train_config.{key}",
+                f"found {size}, expected a multiple of {role} data size {dp} x micro batch {micro} = {dp * micro} "
+                f"(gradient accumulation needs a whole number of micro steps); try {_nearby_multiples(size, dp * micro)}",
+            )
+    for role, dp in _data_sizes(spec).items():
+        if rollout % dp:
+            yield error("dataset_config.num_samples_each_epoch", f"found {rollout}, expected a multiple of the {role} data size {dp} so that every rank gets an equal shard; try {_nearby_multiples(rollout, dp)}")
+
+
+def _data_sizes(spec: JobSpec) -> dict[str, int]:
+    sizes = {role: m.trainer_config.parallel.data.size for role, m in spec.model_configs.roles().items()}
+    gen = spec.model_configs.actor.generator_config
+    if not gen.shared_with_trainer:
+        sizes["generator"] = gen.parallel.data.size
+    return sizes
+
+
+@check
+def generator_fits_on_a_node(spec: JobSpec) -> Iterator[Problem]:
+    gen = spec.model_configs.actor.generator_config
+    tp = gen.parallel.tensor.size
+    if not gen.shared_with_trainer and tp > spec.slurm.gpus_per_node:
+        yield error(f"{_model('actor')}.generator_config.parallel.tensor.size", f"found {tp}, expected at most slurm.gpus_per_node ({spec.slurm.gpus_per_node}): a tensor-parallel engine must not span nodes")
+
+
+@check
+def reward_source(spec: JobSpec) -> Iterator[Problem]:
+    reward = spec.model_configs.reward
+    prefix = _model("reward")
+    if reward.model_path is None and reward.reward_function is None:
+        yield error(f"{prefix}.model_path", "missing; expected a reward model path, or set reward_function instead")
+    if reward.model_path is not None and reward.reward_function is not None:
+        yield error(f"{prefix}.reward_function", "set together with model_path; expected one of the two")
+
+
+@check
+def rewards_and_sampling(spec: JobSpec) -> Iterator[Problem]:
+    ro = spec.rollout_config
+    if ro.clip_reward_min >= ro.clip_reward_max:
+        yield error("rollout_config.clip_reward_min", f"found {ro.clip_reward_min}, expected less than clip_reward_max ({ro.clip_reward_max})")
+    gk = ro.generate_kwargs
+    if gk.num_beams > 1:
+        yield error("rollout_config.generate_kwargs.num_beams", f"found {gk.num_beams}: beam search is not supported yet (PPO samples responses); expected 1")
+    if gk.min_new_tokens > ro.max_new_tokens:
+        yield error("rollout_config.generate_kwargs.min_new_tokens", f"found {gk.min_new_tokens}, expected at most max_new_tokens ({ro.max_new_tokens})")
+    rc = spec.repeater_config
+    for key in ("fine_grained_rm", "value_ema"):
+        if getattr(rc, key):
+            yield error(f"repeater_config.{key}", "found true: not supported yet; expected false")
+
+
+@check
+def special_tokens(spec: JobSpec) -> Iterator[Problem]:
+    pairs = [
+        ("tokenizer_config", spec.tokenizer_config.pad_token_id, spec.tokenizer_config.eos_token_id),
+        ("rollout_config.generate_kwargs", spec.rollout_config.generate_kwargs.pad_token_id, spec.rollout_config.generate_kwargs.eos_token_id),
+    ]
+    for prefix, pad, eos in pairs:
+        if pad is not None and pad == eos:
+            yield warning(f"{prefix}.pad_token_id", f"equals eos_token_id ({eos}): responses are masked by position, but a distinct padding token is safer if the tokenizer has one")
+    for key in ("pad_token_id", "eos_token_id"):
+        a = getattr(spec.tokenizer_config, key)
+        b = getattr(spec.rollout_config.generate_kwargs, key)
+        if a is not None and b is not None and a != b:
+            yield warning(f"rollout_config.generate_kwargs.{key}", f"{b} differs from tokenizer_config.{key} ({a}); generation uses {b}")
+
+
+@check
+def prompt_sources(spec: JobSpec) -> Iterator[Problem]:
+    for i, entry in enumerate(spec.dataset_config.ppo_datas):
+        try:
+            parse_source(entry)
+        except ValueError as exc:
+            yield error(f"dataset_config.ppo_datas.{i}", str(exc))
+
+
+@check
+def warm_up_leaves_ppo_steps(spec: JobSpec) -> Iterator[Problem]:
+    tc = spec.train_config
+    if tc.pretrain_step >= tc.max_train_step:
+        yield warning("train_config.pretrain_step", f"{tc.pretrain_step} >= max_train_step ({tc.max_train_step}): the actor is never trained")
+
+
+def local_path_problems(spec: JobSpec, is_local: Callable[[str], bool]) -> Iterator[Problem]:
+    """Local model folders that do not exist (warnings: the spec may be written before they are)."""
+    models: dict[str, ModelConfig] = spec.model_configs.roles()
+    for role, model in models.items():
+        if model.model_path and is_local(model.model_path) and not Path(model.model_path).expanduser().exists():
+            yield warning(f"{_model(role)}.model_path", f"local folder {model.model_path} does not exist (yet)")
+
+
+def run_checks(spec: JobSpec, tolerate_type_errors: bool) -> list[Problem]:
+    """All checks. After schema errors a check may meet a wrong type: it is then skipped,
+    since its key was already reported."""
+    problems: list[Problem] = []
+    for fn in CHECKS:
+        try:
+            problems.extend(fn(spec))
+        except (TypeError, AttributeError, ValueError, KeyError, ZeroDivisionError):
+            if not tolerate_type_errors:
+                raise
+    return problems
+
+
+__all__ = ["CHECKS", "ROLES", "run_checks", "micro_batch", "minibatch", "local_path_problems"]

@@ -1,0 +1,166 @@
+"""`rlhf-launch`: run an RLHF-PPO job spec on Slurm or on this machine.
+
+Imports no torch: the launcher must answer on login nodes, fast. Runtime pieces are
+imported only by the commands that run training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from launcher.problems import SpecError
+
+EXIT_BAD_SPEC = 2
+COMMANDS = ("convert", "schema")
+
+_MAIN_HELP = """\
+Run an RLHF-PPO job from a YAML spec.
+
+  rlhf-launch SPEC --dry-run          print the resource plan and the sbatch script
+  rlhf-launch SPEC --partition gpu    submit one heterogeneous Slurm job
+  rlhf-launch convert CONFIG.py       convert an XTuner-RLHF config to a spec
+  rlhf-launch schema                  regenerate schemas/ and the README key reference
+
+A bad spec is reported with every problem at once, one line each, and exit status 2.
+"""
+
+
+def _main_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="rlhf-launch", description=_MAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("spec", metavar="SPEC", help="YAML job spec (see specs/ for examples)")
+    mode = p.add_argument_group("what to do (default: submit to Slurm)")
+    mode.add_argument("--dry-run", action="store_true", help="print the plan and the sbatch script; submit nothing")
+    mode.add_argument("--json", action="store_true", help="with --dry-run: print one JSON object (plan and script)")
+    slurm = p.add_argument_group("Slurm (override the spec's slurm section)")
+    slurm.add_argument("--partition", "-p", help="partition(s) to submit to (slurm.partition)")
+    slurm.add_argument("--account", "-A", help="account to charge (slurm.account)")
+    slurm.add_argument("--qos", help="quality of service (slurm.qos)")
+    slurm.add_argument("--time", "-t", help="time limit, e.g. 2-00:00:00 (slurm.time)")
+    slurm.add_argument("--gpus-per-node", type=int, help="GPUs per node to pack ranks onto (slurm.gpus_per_node)")
+    run = p.add_argument_group("run")
+    run.add_argument("--output-dir", help="folder of run folders (run.output_dir)")
+    run.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+        help="override a spec key before validation; VALUE is YAML (repeatable), e.g. --set train_config.max_train_step=10",
+    )
+    return p
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    return {
+        "slurm.partition": args.partition,
+        "slurm.account": args.account,
+        "slurm.qos": args.qos,
+        "slurm.time": args.time,
+        "slurm.gpus_per_node": args.gpus_per_node,
+        "run.output_dir": args.output_dir,
+    }
+
+
+def _report(exc: SpecError) -> int:
+    for problem in exc.problems:
+        print(problem.format(exc.source), file=sys.stderr)
+    n = len(exc.errors)
+    print(f"{exc.source}: {n} error{'s' if n != 1 else ''}; nothing was run", file=sys.stderr)
+    return EXIT_BAD_SPEC
+
+
+def run_dir_of(spec) -> str:
+    return os.path.abspath(os.path.join(spec.run.output_dir, spec.run.name))
+
+
+def main_spec(argv: Sequence[str]) -> int:
+    from launcher.render import JobFiles, RenderError, render_sbatch
+    from launcher.spec import load_spec
+
+    args = _main_parser().parse_args(argv)
+    try:
+        loaded = load_spec(args.spec, args.overrides, _settings(args))
+    except SpecError as exc:
+        return _report(exc)
+    for problem in loaded.warnings:
+        print(problem.format(loaded.source), file=sys.stderr)
+    files = JobFiles(run_dir=run_dir_of(loaded.spec), python=sys.executable)
+    try:
+        script = render_sbatch(loaded.spec, loaded.plan, files)
+    except RenderError as exc:
+        print(f"{args.spec}: {exc}", file=sys.stderr)
+        return EXIT_BAD_SPEC
+    if args.json and not args.dry_run:
+        print("rlhf-launch: --json goes with --dry-run", file=sys.stderr)
+        return EXIT_BAD_SPEC
+    if args.dry_run:
+        if args.json:
+            print(json.dumps({**loaded.plan.to_json(), "run_dir": files.run_dir, "sbatch": script}, indent=2))
+        else:
+            from launcher.show_plan import plan_table
+
+            print(plan_table(loaded.plan, loaded.spec.slurm.gpu_memory_gb))
+            print(script, end="")
+        return 0
+    print("rlhf-launch: submitting to Slurm is not available in this version; use --dry-run", file=sys.stderr)
+    return 1
+
+
+def main_convert(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="rlhf-launch convert",
+        description="Convert an XTuner-RLHF Python config to a YAML spec on stdout, then validate it. "
+        "WARNING: converting EXECUTES the config file as Python (with a stand-in for torch that provides "
+        "its dtypes): convert only files you trust.",
+    )
+    p.add_argument("config", metavar="CONFIG.py", help="XTuner-RLHF config (module-level dicts such as rollout_config)")
+    args = p.parse_args(argv)
+    from launcher.convert import ConvertError, convert_file, to_yaml
+    from launcher.spec import validate
+
+    try:
+        data = convert_file(args.config)
+    except ConvertError as exc:
+        print(f"rlhf-launch convert: {exc}", file=sys.stderr)
+        return EXIT_BAD_SPEC
+    print(to_yaml(data), end="")
+    try:
+        loaded = validate(data, f"{args.config} (converted)", Path(args.config).resolve().parent)
+    except SpecError as exc:
+        return _report(exc)
+    for problem in loaded.warnings:
+        print(problem.format(loaded.source), file=sys.stderr)
+    return 0
+
+
+def main_schema(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="rlhf-launch schema",
+        description="Regenerate schemas/rlhf_job.schema.json and the README's spec key reference from the config dataclasses.",
+    )
+    p.add_argument("--check", action="store_true", help="only report whether the files are up to date (exit 1 if not)")
+    args = p.parse_args(argv)
+    from launcher import generated
+
+    stale = generated.stale_files()
+    if args.check:
+        for path in stale:
+            print(f"{path} is out of date: run rlhf-launch schema", file=sys.stderr)
+        return 1 if stale else 0
+    for path in generated.write_all():
+        print(f"wrote {path}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in COMMANDS:
+        return {"convert": main_convert, "schema": main_schema}[argv[0]](argv[1:])
+    return main_spec(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Peak GPU memory per rank of each role, estimated from the model's size and the spec.
+
+An estimate to catch layouts that cannot fit before waiting in a queue, not a promise:
+  weights     params x bytes, split over data ranks by ZeRO-3 and over tensor ranks;
+  gradients   params x bytes, split over data ranks by ZeRO-2 and up;
+  optimizer   AdamW moments (2 x param bytes), or with DeepSpeed bf16/fp16 12 bytes per
+              parameter (fp32 master copy and moments), split over data ranks by ZeRO-1 and up;
+  activations 34 x seq x micro batch x hidden x layers x 2 bytes (Korthikanti et al. 2022,
+              no recomputation), plus fp32 logits of the micro batch;
+  kv cache    2 x layers x kv_dim x bytes per token, for the sequences generated at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from launcher.model_shape import ModelShape
+from rlhf.config import JobSpec, ModelConfig
+
+GIB = 1024**3
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights_gib: float
+    gradients_gib: float
+    optimizer_gib: float
+    activations_gib: float
+    kv_cache_gib: float
+
+    @property
+    def total_gib(self) -> float:
+        return self.weights_gib + self.gradients_gib + self.optimizer_gib + self.activations_gib + self.kv_cache_gib
+
+    def to_json(self) -> dict[str, float]:
+        return {k: round(v, 2) for k, v in {**asdict(self), "total_gib": self.total_gib}.items()}
+
+
+def _seq_len(spec: JobSpec) -> int:
+    return spec.dataset_config.max_seq_len + spec.rollout_config.max_new_tokens
+
+
+def _activations(shape: ModelShape, spec: JobSpec, micro: int, layers: int, logits: bool) -> float:
+    seq = _seq_len(spec)
+    act = 34 * seq * micro * shape.hidden * layers * 2
+    return act + (seq * micro * shape.vocab * 4 if logits else 0)
+
+
+def _kv_cache(shape: ModelShape, spec: JobSpec, sequences: int, dtype_bytes: int, tensor: int) -> float:
+    per_token = 2 * shape.layers * shape.kv_dim * dtype_bytes
+    return per_token * _seq_len(spec) * sequences / tensor
+
+
+def _zero_stage(model: ModelConfig) -> int | None:
+    tc = model.trainer_config
+    if tc.parallel.data.mode != "deepspeed" or not tc.deepspeed_config:
+        return None
+    return tc.deepspeed_config.get("zero_optimization", {}).get("stage", 0)
+
+
+def _mixed_precision(model: ModelConfig) -> bool:
+    ds = model.trainer_config.deepspeed_config or {}
+    return any(isinstance(ds.get(k), dict) and ds[k].get("enabled") for k in ("bf16", "fp16"))
+
+
+def training(model: ModelConfig, shape: ModelShape, spec: JobSpec, micro: int, logits: bool) -> MemoryEstimate:
+    """Actor or critic: weights, gradients, optimizer states by ZeRO stage; the actor, when it
+    also generates, holds full weights (gathered under ZeRO-3) and a KV cache at its peak."""
+    n = model.trainer_config.parallel.data.size
+    stage = _zero_stage(model)
+    b = _DTYPE_BYTES[model.torch_dtype]
+    if stage is not None and _mixed_precision(model):
+        weights, grads, optim = 2 * shape.params, 2 * shape.params, 12 * shape.params
+    else:
+        weights, grads, optim = b * shape.params, b * shape.params, 2 * b * shape.params
+    if stage is not None:
+        optim /= n if stage >= 1 else 1
+        grads /= n if stage >= 2 else 1
+        weights /= n if stage >= 3 else 1
+    acts = _activations(shape, spec, micro, shape.layers, logits)
+    train = MemoryEstimate(weights / GIB, grads / GIB, optim / GIB, acts / GIB, 0.0)
+    gen_cfg = getattr(model, "generator_config", None)
+    if gen_cfg is None or not gen_cfg.shared_with_trainer:
+        return train
+    kv = _kv_cache(shape, spec, spec.rollout_config.actor_micro_bs, b, 1)
+    gathered = b * shape.params if stage == 3 else 0.0
+    generating = MemoryEstimate((weights + gathered) / GIB, grads / GIB, optim / GIB, 0.0, kv / GIB)
+    return max(train, generating, key=lambda m: m.total_gib)
+
+
+def inference(model: ModelConfig, shape: ModelShape, spec: JobSpec, micro: int, logits: bool) -> MemoryEstimate:
+    """Reference or reward: weights and one forward pass of a micro batch (one layer's activations live)."""
+    b = _DTYPE_BYTES[model.torch_dtype]
+    acts = _activations(shape, spec, micro, 1, logits)
+    return MemoryEstimate(b * shape.params / GIB, 0.0, 0.0, acts / GIB, 0.0)
+
+
+def generator(actor: ModelConfig, shape: ModelShape, spec: JobSpec) -> MemoryEstimate:
+    """A separate generator: weights split over tensor ranks and the KV cache of its share of the
+    rollout (vLLM schedules them at once when they fit; HF generate runs actor_micro_bs at a time)."""
+    gen = actor.generator_config
+    b = _DTYPE_BYTES[actor.torch_dtype]
+    tp = gen.parallel.tensor.size
+    if gen.generator_type == "vllm":
+        sequences = spec.dataset_config.num_samples_each_epoch // gen.parallel.data.size
+    else:
+        sequences = spec.rollout_config.actor_micro_bs
+    kv = _kv_cache(shape, spec, sequences, b, tp)
+    return MemoryEstimate(b * shape.params / tp / GIB, 0.0, 0.0, 0.0, kv / GIB)

@@ -1,0 +1,81 @@
+"""How big a model is, without loading it: from a local config.json, else from its name.
+
+The plan needs parameter counts and a few dimensions for its memory estimate; login nodes
+have no torch and may have no network, so this reads at most one small JSON file."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+_SIZE_IN_NAME = re.compile(r"(?<![A-Za-z0-9.])(\d+(?:[._]\d+)?)([bBmM])(?![A-Za-z])")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    params: float  # count, not billions
+    layers: int
+    hidden: int
+    kv_dim: int  # key/value heads x head dim: the KV cache per token and layer is 2 x kv_dim values
+    vocab: int
+    source: str  # where the numbers came from, shown in the plan
+
+    @staticmethod
+    def from_params(params: float, source: str, vocab: int = 32000) -> ModelShape:
+        """Dimensions of a typical dense decoder with this many parameters.
+
+        With hidden = 128 x layers (the usual aspect ratio) and params ~ 12 x layers x hidden^2,
+        layers = (params / (12 x 128^2))^(1/3): 7e9 gives 33 layers of width 4200 (LLaMA-2 7B: 32 x 4096).
+        """
+        layers = max(1, round((params / (12 * 128**2)) ** (1 / 3)))
+        hidden = 128 * layers
+        return ModelShape(params, layers, hidden, hidden, vocab, source)
+
+
+def params_from_name(name: str) -> float | None:
+    """'internlm2-chat-1_8b-sft' -> 1.8e9, 'SmolLM2-135M' -> 1.35e8; None when no size is named."""
+    match = _SIZE_IN_NAME.search(Path(name).name) or _SIZE_IN_NAME.search(name)
+    if not match:
+        return None
+    number = float(match.group(1).replace("_", "."))
+    return number * (1e9 if match.group(2) in "bB" else 1e6)
+
+
+def shape_from_config(cfg: dict, source: str) -> ModelShape:
+    """Count parameters of a decoder from its Hugging Face config.json."""
+    hidden = cfg["hidden_size"]
+    layers = cfg["num_hidden_layers"]
+    heads = cfg.get("num_attention_heads", max(1, hidden // 128))
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    head_dim = cfg.get("head_dim") or hidden // heads
+    inter = cfg.get("intermediate_size", 4 * hidden)
+    vocab = cfg.get("vocab_size", 32000)
+    attention = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2
+    mlp = 3 * hidden * inter
+    embeddings = vocab * hidden * (1 if cfg.get("tie_word_embeddings", False) else 2)
+    params = embeddings + layers * (attention + mlp + 2 * hidden) + hidden
+    return ModelShape(float(params), layers, hidden, kv_heads * head_dim, vocab, source)
+
+
+def model_shape(model_path: str | None, num_params_b: float | None) -> ModelShape | None:
+    """The best available description of a model, or None when nothing is known."""
+    if model_path:
+        config_file = Path(model_path).expanduser() / "config.json"
+        if config_file.is_file():
+            try:
+                shape = shape_from_config(json.loads(config_file.read_text()), "config.json")
+            except (OSError, ValueError, KeyError, TypeError):
+                shape = None
+            if shape is not None:
+                if num_params_b:
+                    return ModelShape(num_params_b * 1e9, shape.layers, shape.hidden, shape.kv_dim, shape.vocab, "num_params_b")
+                return shape
+    if num_params_b:
+        return ModelShape.from_params(num_params_b * 1e9, "num_params_b")
+    params = params_from_name(model_path or "")
+    if params and math.isfinite(params):
+        return ModelShape.from_params(params, "name")
+    return None

@@ -1,0 +1,200 @@
+"""The resource plan: roles -> GPUs -> node groups (Slurm hetjob components) -> ranks.
+
+One process per GPU. Global ranks run over the components in order (trainer, inference,
+generator) and, inside a component, over its roles in order; the runtime derives its role
+from its global rank with this same plan, so launcher and workers cannot disagree.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from launcher import memory
+from launcher.checks import micro_batch
+from launcher.model_shape import model_shape
+from launcher.problems import Problem, error, warning
+from rlhf.config import JobSpec
+
+COMPONENTS = (("trainer", ("actor", "critic")), ("inference", ("reference", "reward")), ("generator", ("generator",)))
+
+
+@dataclass
+class RolePlan:
+    name: str
+    data: int
+    tensor: int
+    pipeline: int
+    gpus: int
+    component: int | None
+    first_rank: int | None = None
+    nodes: list[int] = field(default_factory=list)  # global node indexes
+    shared_with: str | None = None  # a role that runs on another role's ranks
+    memory: memory.MemoryEstimate | None = None
+    size_source: str | None = None
+
+    @property
+    def ranks(self) -> range:
+        return range(self.first_rank, self.first_rank + self.gpus) if self.first_rank is not None else range(0)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "gpus": self.gpus,
+            "data": self.data,
+            "tensor": self.tensor,
+            "pipeline": self.pipeline,
+            "component": self.component,
+            "ranks": [self.ranks.start, self.ranks.stop - 1] if self.gpus else [],
+            "nodes": self.nodes,
+            "shared_with": self.shared_with,
+            "memory_gib": self.memory.to_json() if self.memory else None,
+            "model_size_from": self.size_source,
+        }
+
+
+@dataclass
+class ComponentPlan:
+    index: int
+    name: str
+    roles: list[str]
+    gpus: int
+    nodes: int
+    gpus_per_node: int
+    first_rank: int
+    first_node: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "name": self.name,
+            "roles": self.roles,
+            "gpus": self.gpus,
+            "nodes": self.nodes,
+            "gpus_per_node": self.gpus_per_node,
+            "first_rank": self.first_rank,
+        }
+
+
+@dataclass
+class Plan:
+    roles: list[RolePlan]
+    components: list[ComponentPlan]
+    problems: list[Problem]
+
+    @property
+    def total_gpus(self) -> int:
+        return sum(c.gpus for c in self.components)
+
+    @property
+    def total_nodes(self) -> int:
+        return sum(c.nodes for c in self.components)
+
+    @property
+    def world_size(self) -> int:
+        return self.total_gpus
+
+    def role(self, name: str) -> RolePlan:
+        return next(r for r in self.roles if r.name == name)
+
+    def role_of_rank(self, rank: int) -> tuple[str, int]:
+        """(role, rank within the role) of a global rank."""
+        for r in self.roles:
+            if rank in r.ranks:
+                return r.name, rank - r.first_rank
+        raise ValueError(f"rank {rank} is outside the plan's world of {self.world_size}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "total_gpus": self.total_gpus,
+            "total_nodes": self.total_nodes,
+            "world_size": self.world_size,
+            "roles": [r.to_json() for r in self.roles],
+            "components": [c.to_json() for c in self.components],
+            "warnings": [p.message if not p.path else f"{p.path}: {p.message}" for p in self.problems if p.severity == "warning"],
+        }
+
+
+def _role_layouts(spec: JobSpec) -> list[RolePlan]:
+    roles = []
+    for name, model in spec.model_configs.roles().items():
+        p = model.trainer_config.parallel
+        role = RolePlan(name, p.data.size, p.tensor.size, p.pipeline.size, p.data.size * p.tensor.size * p.pipeline.size, None)
+        if name == "reward" and model.reward_function:
+            role.gpus, role.shared_with = 0, "reference"  # a Python reward runs on the reference ranks
+        roles.append(role)
+    gen = spec.model_configs.actor.generator_config
+    if gen.shared_with_trainer:
+        actor = roles[0]
+        roles.append(RolePlan("generator", actor.data, actor.tensor, actor.pipeline, 0, None, shared_with="actor"))
+    else:
+        p = gen.parallel
+        roles.append(RolePlan("generator", p.data.size, p.tensor.size, p.pipeline.size, p.data.size * p.tensor.size * p.pipeline.size, None))
+    return roles
+
+
+def _pack(gpus: int, gpus_per_node: int, multiple_of: int) -> tuple[int, int] | None:
+    """(nodes, GPUs per node) with the same count on every node, or None when impossible."""
+    nodes = math.ceil(gpus / gpus_per_node)
+    per_node, rest = divmod(gpus, nodes)
+    if rest or per_node % multiple_of:
+        return None
+    return nodes, per_node
+
+
+def build_plan(spec: JobSpec) -> Plan:
+    roles = {r.name: r for r in _role_layouts(spec)}
+    problems: list[Problem] = []
+    components: list[ComponentPlan] = []
+    rank = node = 0
+    gpn = spec.slurm.gpus_per_node
+    for comp_name, members in COMPONENTS:
+        own = [roles[m] for m in members if roles[m].gpus > 0]
+        gpus = sum(r.gpus for r in own)
+        if not gpus:
+            continue
+        tp = roles["generator"].tensor if comp_name == "generator" else 1
+        packed = _pack(gpus, gpn, tp)
+        if packed is None:
+            problems.append(error("slurm.gpus_per_node", f"found {gpn}: the {comp_name} group ({', '.join(r.name for r in own)}) needs {gpus} GPUs, which do not split into equal whole nodes{' of whole tensor-parallel groups' if tp > 1 else ''}; use a data size that makes {gpus} a multiple of {gpn} or at most {gpn}"))
+            packed = (math.ceil(gpus / gpn), min(gpus, gpn))
+        nodes, per_node = packed
+        index = len(components)
+        components.append(ComponentPlan(index, comp_name, [r.name for r in own], gpus, nodes, per_node, rank, node))
+        for r in own:
+            r.component, r.first_rank = index, rank
+            r.nodes = sorted({node + (rank - components[-1].first_rank + i) // per_node for i in range(r.gpus)})
+            rank += r.gpus
+        node += nodes
+    for r in roles.values():
+        if r.shared_with:
+            host = roles[r.shared_with]
+            r.component, r.nodes = host.component, host.nodes
+    _estimate_memory(spec, roles, problems)
+    return Plan(list(roles.values()), components, problems)
+
+
+def _estimate_memory(spec: JobSpec, roles: dict[str, RolePlan], problems: list[Problem]) -> None:
+    models = spec.model_configs.roles()
+    rc, limit = spec.repeater_config, spec.slurm.gpu_memory_gb
+    for name, role in roles.items():
+        model = models["actor" if name == "generator" else name]
+        if role.gpus == 0 and name == "reward":
+            continue
+        shape = model_shape(model.model_path, model.num_params_b)
+        if shape is None:
+            continue
+        role.size_source = shape.source
+        if name in ("actor", "critic"):
+            role.memory = memory.training(model, shape, spec, micro_batch(spec, name), logits=name == "actor")
+        elif name == "reference":
+            role.memory = memory.inference(model, shape, spec, rc.ref_micro_bs, logits=True)
+        elif name == "reward":
+            role.memory = memory.inference(model, shape, spec, spec.rollout_config.reward_micro_bs, logits=False)
+        elif not role.shared_with:
+            role.memory = memory.generator(model, shape, spec)
+        budget = limit * (model.generator_config.gpu_memory_utilization if name == "generator" and model.generator_config.generator_type == "vllm" else 1)
+        if role.memory and role.memory.total_gib > budget:
+            key = f"model_configs.{'actor' if name == 'generator' else name}"
+            problems.append(warning(key, f"{name}: estimated peak {role.memory.total_gib:.1f} GiB per GPU exceeds the {budget:.0f} GiB available (slurm.gpu_memory_gb); consider ZeRO-3, more data-parallel ranks or smaller micro batches"))

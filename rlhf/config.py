@@ -1,0 +1,367 @@
+"""The job spec: typed dataclasses, the single source of truth.
+
+The YAML spec, the JSON Schema in ``schemas/``, the key reference in the README and the
+validation messages are all derived from the classes below. Section names follow
+XTuner-RLHF's PPO config (``rollout_config``, ``repeater_config``, ...) so its configs
+convert one to one; ``run`` and ``slurm`` are what a launcher needs on top.
+
+This module imports nothing heavy (no torch): the launcher runs on login nodes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import MISSING, dataclass, field
+from typing import Any, Literal
+
+ROLES = ("actor", "reference", "critic", "reward")
+Dtype = Literal["float32", "bfloat16", "float16", "auto"]
+
+
+def option(default: Any = MISSING, doc: str = "", *, factory: Any = MISSING, **schema: Any):
+    """A documented field. ``schema`` holds extra JSON Schema keywords (minimum, pattern, ...)."""
+    metadata = {"doc": doc, "schema": schema}
+    if factory is not MISSING:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def section(cls: type, doc: str):
+    """A nested section that defaults to all of its own defaults."""
+    return option(doc=doc, factory=cls)
+
+
+# --------------------------------------------------------------------------- rollout
+@dataclass(kw_only=True)
+class GenerateKwargs:
+    """Sampling settings, named like Hugging Face ``generate`` keywords."""
+
+    do_sample: bool = option(True, "Sample tokens (true) or decode greedily (false).")
+    temperature: float = option(
+        1.0,
+        "Softmax temperature for sampling. PPO log-probs are recomputed at the same temperature.",
+        exclusiveMinimum=0,
+    )
+    top_k: int = option(0, "Sample only among the k most likely tokens; 0 disables.", minimum=0)
+    top_p: float = option(
+        1.0, "Nucleus sampling: smallest token set with this probability mass; 1.0 disables.",
+        exclusiveMinimum=0, maximum=1,
+    )
+    min_new_tokens: int = option(0, "Tokens generated before end-of-sequence may be sampled.", minimum=0)
+    num_beams: int = option(
+        1, "Beams per prompt. PPO needs sampled responses: only 1 is supported yet.", minimum=1
+    )
+    early_stopping: bool = option(
+        True, "Hugging Face beam-search early stopping; has an effect only with num_beams > 1."
+    )
+    eos_token_id: int | None = option(
+        None, "Token that ends a response. Default: tokenizer_config.eos_token_id, then the tokenizer's.",
+        minimum=0,
+    )
+    pad_token_id: int | None = option(
+        None, "Token that pads finished responses. Default: tokenizer_config.pad_token_id, then the tokenizer's.",
+        minimum=0,
+    )
+
+
+@dataclass(kw_only=True)
+class RolloutConfig:
+    """Generating responses and scoring them."""
+
+    actor_micro_bs: int = option(32, "Prompts per generate call on each generator rank.", minimum=1)
+    reward_micro_bs: int = option(32, "Sequences per reward-model forward pass on each reward rank.", minimum=1)
+    clip_reward_min: float = option(-1.5, "Reward scores are clipped to [clip_reward_min, clip_reward_max].")
+    clip_reward_max: float = option(1.5, "Upper end of the reward clip range.")
+    max_new_tokens: int = option(1024, "Most tokens generated per response.", minimum=1)
+    generate_kwargs: GenerateKwargs = section(GenerateKwargs, "Sampling settings.")
+
+
+# --------------------------------------------------------------------------- repeater
+@dataclass(kw_only=True)
+class RepeaterConfig:
+    """Turning a rollout into PPO experience: log-probs, values, KL-shaped rewards, GAE."""
+
+    actor_micro_bs: int = option(8, "Sequences per actor forward pass when computing rollout log-probs.", minimum=1)
+    ref_micro_bs: int = option(8, "Sequences per reference forward pass.", minimum=1)
+    critic_micro_bs: int = option(32, "Sequences per critic forward pass when computing rollout values.", minimum=1)
+    reward_scale: bool = option(
+        False,
+        "Divide each clipped score by the running standard deviation of all scores seen so far "
+        "(saved in checkpoints), before the KL penalty is added.",
+    )
+    fine_grained_rm: bool = option(False, "Per-token reward-model scores. Not supported yet: only false.")
+    value_ema: bool = option(False, "Exponential moving average of value targets. Not supported yet: only false.")
+    kl_coeff: float = option(
+        0.02, "Per-token KL penalty: reward_t -= kl_coeff * (logp_actor_t - logp_ref_t).", minimum=0
+    )
+    gamma: float = option(1.0, "GAE discount factor, in [0, 1].", minimum=0, maximum=1)
+    gae_lambda: float = option(0.95, "GAE lambda, in [0, 1].", minimum=0, maximum=1)
+    answer_end_id: int | None = option(
+        None, "A token besides end-of-sequence that ends an answer: generation stops there.", minimum=0
+    )
+    norm_adv: bool = option(True, "Whiten advantages over the rollout batch (masked mean 0, variance 1).")
+
+
+# --------------------------------------------------------------------------- train
+@dataclass(kw_only=True)
+class TrainConfig:
+    """The PPO update."""
+
+    ppo_minibatch: int = option(
+        64, "Sequences per actor optimizer step, over all actor data-parallel ranks.", minimum=1
+    )
+    value_minibatch: int = option(
+        64, "Sequences per critic optimizer step, over all critic data-parallel ranks.", minimum=1
+    )
+    actor_micro_bs: int | None = option(
+        None,
+        "Sequences per actor forward/backward on each rank; gradients accumulate up to ppo_minibatch. "
+        "Default: the actor's train_kwargs.micro_bsz.",
+        minimum=1,
+    )
+    critic_micro_bs: int | None = option(
+        None,
+        "Sequences per critic forward/backward on each rank; gradients accumulate up to value_minibatch. "
+        "Default: the critic's train_kwargs.micro_bsz.",
+        minimum=1,
+    )
+    ppo_epochs: int = option(1, "Passes over each rollout batch per PPO step.", minimum=1)
+    policy_clip: float = option(0.2, "PPO ratio clip: ratios outside [1-x, 1+x] get no gradient.", exclusiveMinimum=0)
+    value_clip: float = option(0.2, "Value clip: new values stay within x of the rollout values.", exclusiveMinimum=0)
+    pretrain_step: int = option(0, "Critic-only warm-up steps before the actor starts training.", minimum=0)
+    save_interval: int = option(
+        80, "Checkpoint every this many PPO steps; 0 saves only at the end.", minimum=0
+    )
+    max_train_step: int = option(1000, "PPO steps to run (warm-up steps included).", minimum=1)
+
+
+# --------------------------------------------------------------------------- models
+@dataclass(kw_only=True)
+class TrainKwargs:
+    """Optimizer settings of a trained model (actor, critic)."""
+
+    micro_bsz: int | None = option(
+        None,
+        "Sequences per forward/backward on each rank, unless train_config sets this model's micro batch. Default: 1.",
+        minimum=1,
+    )
+    lr: float = option(1.0e-6, "Peak learning rate of AdamW.", exclusiveMinimum=0)
+    total_steps: int = option(
+        1_000_000_000, "Optimizer steps over which the learning rate decays to lr * lr_decay_rate.", minimum=1
+    )
+    lr_decay_rate: float = option(
+        1.0, "Learning rate reached after total_steps, as a fraction of lr (linear decay); 1 keeps it constant.",
+        exclusiveMinimum=0, maximum=1,
+    )
+    loss_type: Literal["per_seq", "per_token"] = option(
+        "per_seq", "per_seq: mean over each sequence's tokens, then over sequences; per_token: mean over all tokens."
+    )
+
+
+@dataclass(kw_only=True)
+class DataParallel:
+    size: int = option(1, "Data-parallel ranks (one GPU each).", minimum=1)
+    mode: Literal["ddp", "deepspeed"] = option(
+        "ddp", "ddp: torch DistributedDataParallel; deepspeed: DeepSpeed with this model's deepspeed_config."
+    )
+
+
+@dataclass(kw_only=True)
+class TensorParallel:
+    size: int = option(1, "Tensor-parallel ranks per replica. Only the vLLM generator supports more than 1 yet.", minimum=1)
+    mode: Literal["1d"] = option("1d", "Tensor-parallel layout.")
+
+
+@dataclass(kw_only=True)
+class PipelineParallel:
+    size: int = option(1, "Pipeline stages. Only 1 is supported yet.", minimum=1)
+    interleaved_overlap: bool = option(False, "Interleaved pipeline schedule. Only false is supported yet.")
+
+
+@dataclass(kw_only=True)
+class Parallel:
+    """How one model is spread over GPUs: data x tensor x pipeline ranks."""
+
+    data: DataParallel = section(DataParallel, "Data parallelism.")
+    tensor: TensorParallel = section(TensorParallel, "Tensor parallelism.")
+    pipeline: PipelineParallel = section(PipelineParallel, "Pipeline parallelism.")
+    sequence: bool = option(False, "Sequence parallelism. Only false is supported yet.")
+
+
+@dataclass(kw_only=True)
+class TrainerConfig:
+    trainer_type: Literal["huggingface"] = option("huggingface", "Model implementation: Hugging Face transformers.")
+    train_kwargs: TrainKwargs | None = option(
+        None, "Optimizer settings; only for trained models (actor, critic). Default: all defaults."
+    )
+    parallel: Parallel = section(Parallel, "GPU layout of this model.")
+    deepspeed_config: dict[str, Any] | None = option(
+        None,
+        "DeepSpeed config, passed verbatim, for data.mode deepspeed; needs zero_optimization.stage. "
+        "Batch keys (train_batch_size, ...) are derived from train_config when left out.",
+    )
+
+
+@dataclass(kw_only=True)
+class GeneratorConfig:
+    """Where the actor's responses are generated."""
+
+    shared_with_trainer: bool = option(
+        True, "Generate with the actor's own training ranks (true) or a separate generator group (false)."
+    )
+    generator_type: Literal["hf", "vllm"] = option(
+        "hf", "hf: Hugging Face generate; vllm: vLLM engines (only with shared_with_trainer false)."
+    )
+    parallel: Parallel = section(Parallel, "Layout of a separate generator: data = engines, tensor = GPUs per engine.")
+    gpu_memory_utilization: float = option(
+        0.9, "vLLM only: fraction of each GPU an engine may use for weights and KV cache.",
+        exclusiveMinimum=0, maximum=1,
+    )
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    model_path: str = option(
+        doc="Hugging Face model id, or a local folder (a path starting with /, ./, ../ or ~; "
+        "relative paths are relative to the spec file)."
+    )
+    model_type: Literal["actor", "reference", "critic", "reward"] | None = option(
+        None, "The role, as in XTuner configs; must match the key it is under. Default: that key."
+    )
+    torch_dtype: Dtype = option("bfloat16", "Weight dtype; auto takes the checkpoint's.")
+    num_params_b: float | None = option(
+        None,
+        "Parameters in billions, for the resource plan's memory estimate. Default: counted from a local "
+        "folder's config.json, else read from the name (e.g. '7b', '1_8b').",
+        exclusiveMinimum=0,
+    )
+    trainer_config: TrainerConfig = section(TrainerConfig, "How this model is run.")
+
+
+@dataclass(kw_only=True)
+class ActorConfig(ModelConfig):
+    generator_config: GeneratorConfig = section(GeneratorConfig, "Where responses are generated.")
+
+
+@dataclass(kw_only=True)
+class RewardConfig(ModelConfig):
+    model_path: str | None = option(
+        None, "Reward model: Hugging Face id or local folder. Give this or reward_function."
+    )
+    reward_function: str | None = option(
+        None,
+        "A Python reward 'module:function' called as function(prompts, responses) -> list of scores, "
+        "instead of a reward model.",
+        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+    )
+
+
+@dataclass(kw_only=True)
+class ModelConfigs:
+    actor: ActorConfig = option(doc="The policy being trained (causal LM).")
+    reference: ModelConfig = option(doc="Frozen policy for the KL penalty (causal LM).")
+    critic: ModelConfig = option(doc="Value model being trained (sequence classification, one output).")
+    reward: RewardConfig = option(doc="Reward model (sequence classification, one output) or function.")
+
+    def roles(self) -> dict[str, ModelConfig]:
+        return {role: getattr(self, role) for role in ROLES}
+
+
+# --------------------------------------------------------------------------- data
+@dataclass(kw_only=True)
+class DatasetConfig:
+    num_samples_each_epoch: int = option(64, "Prompts per PPO step (the rollout batch).", minimum=1)
+    max_seq_len: int = option(
+        1024, "Most prompt tokens; longer prompts keep their last max_seq_len tokens.", minimum=1
+    )
+    random_seed: int = option(1024, "Seed of the prompt order and the dataset mix.")
+    ppo_datas: list[str] = option(
+        doc="Prompt sources '<source>::<weight>' (weight defaults to 1): a Hugging Face dataset from the local cache "
+        "(e.g. 'Anthropic/hh-rlhf/helpful-base', repo then data_dir) or a local .jsonl/.json/.parquet "
+        "file or folder. Weights (> 0) are normalised into a mix.",
+        minItems=1,
+    )
+
+
+@dataclass(kw_only=True)
+class TokenizerConfig:
+    tokenizer_path: str | None = option(None, "Tokenizer to load. Default: the actor's model_path.")
+    pad_token_id: int | None = option(None, "Override the tokenizer's padding token.", minimum=0)
+    eos_token_id: int | None = option(None, "Override the tokenizer's end-of-sequence token.", minimum=0)
+    padding_side: Literal["left"] = option(
+        "left", "Prompts are left-padded so that generation continues right after them."
+    )
+    chat_template: str | None = option(None, "Jinja chat template replacing the tokenizer's.")
+
+
+# --------------------------------------------------------------------------- launcher
+@dataclass(kw_only=True)
+class SlurmConfig:
+    """What the sbatch script asks Slurm for. Command-line flags of the same name override these."""
+
+    partition: str | None = option(None, "Slurm partition(s), comma separated.", pattern=r"^[A-Za-z0-9_.-]+(,[A-Za-z0-9_.-]+)*$")
+    account: str | None = option(None, "Slurm account to charge.", pattern=r"^[A-Za-z0-9_.-]+$")
+    qos: str | None = option(None, "Slurm quality of service.", pattern=r"^[A-Za-z0-9_.-]+$")
+    time: str | None = option(
+        None, "Time limit, in a Slurm format: MM, HH:MM:SS or D-HH:MM:SS.",
+        pattern=r"^(\d+-)?\d+(:\d{1,2}){0,2}$",
+    )
+    gpus_per_node: int = option(8, "GPUs on each node; ranks are packed onto nodes of this size.", minimum=1)
+    gpu_memory_gb: float = option(80, "Memory of one GPU in GiB, for the plan's memory check.", exclusiveMinimum=0)
+    cpus_per_gpu: int = option(8, "CPU cores per rank (one rank per GPU).", minimum=1)
+    mem: str | None = option(
+        None, "Memory per node, as sbatch --mem (e.g. 500G; 0 = all of it).", pattern=r"^\d+[KMGT]?$"
+    )
+    constraint: str | None = option(
+        None, "Node features, as sbatch --constraint (e.g. a100&ib).", pattern=r"^[A-Za-z0-9_.&|,:*\[\]()-]+$"
+    )
+    extra_sbatch: list[str] = option(
+        doc="More sbatch options, one per item, each '--name' or '--name=value' (no spaces or quotes); "
+        "added to every component.",
+        factory=list,
+        items={"type": "string", "pattern": r"^--[A-Za-z][A-Za-z0-9-]*(=[^\s'\"`$\\;]+)?$"},
+    )
+    setup: list[str] = option(
+        doc="Shell lines run verbatim before the job starts (e.g. 'module load cuda'), one line per item. "
+        "Default: the job activates the Python environment it was submitted from.",
+        factory=list,
+        items={"type": "string", "pattern": r"^[^\n\r]*$"},
+    )
+    signal_seconds: int = option(
+        120, "Seconds before the time limit at which the job is signalled to checkpoint and requeue.", minimum=10
+    )
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    name: str = option(
+        "rlhf", "Run name: Slurm job name and the run folder under output_dir.",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+    )
+    output_dir: str = option(
+        "runs", "Folder of run folders (relative to the working directory); the run writes to output_dir/name.",
+        pattern=r"^[^\s\"'`$\\;&|<>*?]+$",
+    )
+    seed: int = option(0, "Seed of weights initialisation and sampling.")
+    device: Literal["auto", "cuda", "cpu"] = option("auto", "auto: CUDA when available, else CPU.")
+
+
+@dataclass(kw_only=True)
+class JobSpec:
+    """A whole RLHF-PPO job."""
+
+    run: RunConfig = section(RunConfig, "Name, output folder and seed of the run.")
+    slurm: SlurmConfig = section(SlurmConfig, "Cluster resources for the Slurm job.")
+    rollout_config: RolloutConfig = section(RolloutConfig, "Generation and scoring.")
+    repeater_config: RepeaterConfig = section(RepeaterConfig, "Experience: KL penalty and advantages.")
+    train_config: TrainConfig = section(TrainConfig, "The PPO update.")
+    model_configs: ModelConfigs = option(doc="The four models.")
+    dataset_config: DatasetConfig = option(doc="Prompt datasets and how each rollout batch is drawn.")
+    tokenizer_config: TokenizerConfig = section(TokenizerConfig, "Tokenizer overrides.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def field_doc(f: dataclasses.Field) -> str:
+    return f.metadata.get("doc", "")

@@ -1,0 +1,32 @@
+"""Programmatic reward functions: ``fn(prompts, responses) -> list[float]``.
+
+A spec refers to one as ``"rlhf.rewards:<name>"``. They are cheap, deterministic and need no model,
+which makes them useful for tests and for checking that PPO optimises what it is told to.
+"""
+
+from __future__ import annotations
+
+VOWELS = frozenset("aeiouAEIOU")
+
+
+def vowel_score(text: str) -> float:
+    """``2 * vowels / letters - 1`` over the letters of ``text`` (``str.isalpha``); -1 without letters.
+
+    Vowels are a, e, i, o, u in either case ("y" counts as a consonant). The score is exactly in
+    [-1, 1]: -1 for no vowels, 0 for half vowels, +1 for only vowels.
+    """
+    letters = [c for c in text if c.isalpha()]
+    if not letters:
+        return -1.0
+    vowels = sum(c in VOWELS for c in letters)
+    return 2.0 * vowels / len(letters) - 1.0
+
+
+def vowel_ratio(prompts: list[str], responses: list[str]) -> list[float]:
+    """Reward responses for a high share of vowels among their letters (see ``vowel_score``).
+
+    The prompt is ignored; it is part of the signature so every reward function is called alike.
+    """
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    return [vowel_score(response) for response in responses]

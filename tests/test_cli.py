@@ -1,0 +1,85 @@
+"""The command line: dry runs, JSON, flags, exit statuses; no torch on login nodes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from launcher.cli import main
+from tests.conftest import ROOT, SPECS
+
+VLLM = str(ROOT / "specs" / "llama2_7b_vllm.yaml")
+
+
+def test_dry_run_prints_the_plan_then_the_script(capsys):
+    assert main([VLLM, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "Resource plan: 22 GPUs on 4 nodes" in out
+    assert out.index("Resource plan") < out.index("#!/bin/bash")
+    assert out.count("#SBATCH hetjob") == 2
+
+
+def test_dry_run_json(capsys):
+    assert main([VLLM, "--dry-run", "--json", "--partition", "gpu"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["total_gpus"] == 22 and data["total_nodes"] == 4
+    assert {r["name"] for r in data["roles"]} == {"actor", "reference", "critic", "reward", "generator"}
+    assert [c["index"] for c in data["components"]] == [0, 1, 2]
+    assert data["sbatch"].count("#SBATCH --partition=gpu") == 3
+
+
+def test_flags_override_the_spec(capsys, tmp_path):
+    args = [VLLM, "--dry-run", "--json", "--account", "proj", "--qos", "high", "--time", "2-00:00:00",
+            "--gpus-per-node", "4", "--output-dir", str(tmp_path), "--set", "run.name=exp1"]
+    assert main(args) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["run_dir"] == str(tmp_path / "exp1")
+    assert data["total_nodes"] == 6  # 16 trainer GPUs on 4-GPU nodes: 4 nodes, + 1 inference + 1 generator
+    for option in ("--account=proj", "--qos=high", "--time=2-00:00:00"):
+        assert f"#SBATCH {option}" in data["sbatch"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--partition", "gpu;touch /tmp/x"], "slurm.partition: found 'gpu;touch /tmp/x'"),
+        (["--time", "$(id)"], "slurm.time: found '$(id)'"),
+        (["--gpus-per-node", "0"], "slurm.gpus_per_node: found 0, expected a value >= 1"),
+        (["--set", "repeater_config.gamma=2"], "repeater_config.gamma: found 2"),
+    ],
+)
+def test_bad_flags_exit_2(capsys, args, message):
+    assert main([VLLM, "--dry-run", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "nothing was run" in err
+
+
+def test_missing_spec_exits_2_without_traceback():
+    proc = subprocess.run([sys.executable, "-m", "launcher.cli", "/nonexistent.yaml", "--dry-run"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "cannot read the spec" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_json_needs_dry_run(capsys):
+    assert main([VLLM, "--json"]) == 2
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda p: p.name)
+def test_dry_run_imports_no_heavy_library(spec):
+    code = (
+        "import sys, io, contextlib\n"
+        "from launcher.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        f"    rc = main([{str(spec)!r}, '--dry-run', '--json'])\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'deepspeed', 'vllm', 'datasets') if m in sys.modules)\n"
+        "print(rc, heavy)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.stdout.strip() == "0 []", proc.stderr
+
+
+def test_schema_check_command():
+    assert main(["schema", "--check"]) == 0
