@@ -16,13 +16,15 @@ from pathlib import Path
 from launcher.problems import SpecError
 
 EXIT_BAD_SPEC = 2
-COMMANDS = ("convert", "schema")
+COMMANDS = ("convert", "schema", "plot")
 
 _MAIN_HELP = """\
 Run an RLHF-PPO job from a YAML spec.
 
   rlhf-launch SPEC --dry-run          print the resource plan and the sbatch script
   rlhf-launch SPEC --partition gpu    submit one heterogeneous Slurm job
+  rlhf-launch SPEC --local            train on this machine (add --resume to continue a run)
+  rlhf-launch plot RUN_DIR            draw reward and KL over steps into RUN_DIR/curves.png
   rlhf-launch convert CONFIG.py       convert an XTuner-RLHF config to a spec
   rlhf-launch schema                  regenerate schemas/ and the README key reference
 
@@ -38,6 +40,11 @@ def _main_parser() -> argparse.ArgumentParser:
     mode = p.add_argument_group("what to do (default: submit to Slurm)")
     mode.add_argument("--dry-run", action="store_true", help="print the plan and the sbatch script; submit nothing")
     mode.add_argument("--json", action="store_true", help="with --dry-run: print one JSON object (plan and script)")
+    mode.add_argument("--local", action="store_true", help="train on this machine, no Slurm (CPU or the local GPUs)")
+    mode.add_argument(
+        "--resume", nargs="?", const="auto", metavar="auto|PATH",
+        help="continue the run from its latest complete checkpoint (auto, the default) or from a checkpoint PATH",
+    )
     slurm = p.add_argument_group("Slurm (override the spec's slurm section)")
     slurm.add_argument("--partition", "-p", help="partition(s) to submit to (slurm.partition)")
     slurm.add_argument("--account", "-A", help="account to charge (slurm.account)")
@@ -105,8 +112,45 @@ def main_spec(argv: Sequence[str]) -> int:
             print(plan_table(loaded.plan, loaded.spec.slurm.gpu_memory_gb))
             print(script, end="")
         return 0
-    print("rlhf-launch: submitting to Slurm is not available in this version; use --dry-run", file=sys.stderr)
+    if args.local:
+        return run_here(loaded, Path(files.run_dir), args.resume)
+    print("rlhf-launch: submitting to Slurm is not available in this version; use --dry-run or --local", file=sys.stderr)
     return 1
+
+
+def prepare_run_dir(run_dir: Path, spec, resume: str | None) -> str | None:
+    """Create the run folder and write the resolved spec; None, or why the run must not start."""
+    if resume is None and ((run_dir / "checkpoints").exists() or (run_dir / "metrics.jsonl").exists()):
+        return (
+            f"{run_dir} already holds a run; continue it with --resume, or start another with "
+            "--set run.name=NEW or --output-dir DIR"
+        )
+    from launcher import yaml_io
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "spec.yaml").write_text(yaml_io.dump(spec.to_dict()))
+    return None
+
+
+def run_here(loaded, run_dir: Path, resume: str | None) -> int:
+    problem = prepare_run_dir(run_dir, loaded.spec, resume)
+    if problem:
+        print(f"rlhf-launch: {problem}", file=sys.stderr)
+        return EXIT_BAD_SPEC
+    from rlhf.checkpoint import CheckpointError
+    from rlhf.loop import run_local
+
+    print(f"rlhf-launch: training {loaded.spec.run.name} locally; run folder {run_dir}", file=sys.stderr)
+    try:
+        run_local(loaded.spec, run_dir, resume)
+    except CheckpointError as exc:
+        print(f"rlhf-launch: {exc}", file=sys.stderr)
+        return EXIT_BAD_SPEC
+    except KeyboardInterrupt:
+        print(f"rlhf-launch: interrupted; continue with --resume (run folder {run_dir})", file=sys.stderr)
+        return 130
+    print(f"rlhf-launch: done; metrics in {run_dir / 'metrics.jsonl'}, final models in {run_dir / 'final'}", file=sys.stderr)
+    return 0
 
 
 def main_convert(argv: Sequence[str]) -> int:
@@ -158,6 +202,10 @@ def main_schema(argv: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in COMMANDS:
+        if argv[0] == "plot":
+            from launcher.plot import main as main_plot
+
+            return main_plot(argv[1:])
         return {"convert": main_convert, "schema": main_schema}[argv[0]](argv[1:])
     return main_spec(argv)
 

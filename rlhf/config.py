@@ -153,6 +153,10 @@ class TrainKwargs:
         1.0, "Learning rate reached after total_steps, as a fraction of lr (linear decay); 1 keeps it constant.",
         exclusiveMinimum=0, maximum=1,
     )
+    max_grad_norm: float | None = option(
+        1.0, "Clip the gradient norm of each optimizer step to this; null disables.", exclusiveMinimum=0
+    )
+    weight_decay: float = option(0.0, "AdamW weight decay.", minimum=0)
     loss_type: Literal["per_seq", "per_token"] = option(
         "per_seq", "per_seq: mean over each sequence's tokens, then over sequences; per_token: mean over all tokens."
     )

@@ -1,0 +1,109 @@
+"""`rlhf-launch plot RUN_DIR`: reward and KL curves of a run, as a PNG.
+
+Reads ``<run_dir>/metrics.jsonl`` (written by ``rlhf.metrics.MetricsLogger``) and draws
+reward_mean and kl over the PPO steps, one panel each, to ``<run_dir>/curves.png``.
+Imports no torch, and matplotlib only when plotting; figures are drawn with the Agg
+canvas directly, so no display and no global backend switch are needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rlhf.metrics import METRICS_FILE, read_metrics
+
+CURVES = ("reward_mean", "kl")
+DEFAULT_PNG = "curves.png"
+SMOOTH_ABOVE = 10  # points; fewer are readable as they are
+
+
+class PlotError(Exception):
+    """A run folder that cannot be plotted (missing, no metrics, damaged metrics)."""
+
+
+def load_curves(run_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
+    """(steps, values) of each curve; null (NaN) values and records without the key are skipped."""
+    if not run_dir.is_dir():
+        raise PlotError(f"{run_dir}: no such run folder")
+    try:
+        records = read_metrics(run_dir)
+    except FileNotFoundError:
+        raise PlotError(f"{run_dir}: no {METRICS_FILE} (has the run logged a step yet?)") from None
+    except ValueError as exc:
+        raise PlotError(str(exc)) from None
+    curves = {}
+    for key in CURVES:
+        points = [(r["step"], r[key]) for r in records if "step" in r and isinstance(r.get(key), (int, float))]
+        curves[key] = ([s for s, _ in points], [float(v) for _, v in points])
+    if not any(steps for steps, _ in curves.values()):
+        raise PlotError(f"{run_dir / METRICS_FILE}: no {' or '.join(CURVES)} values to plot")
+    return curves
+
+
+def moving_average(values: list[float], window: int) -> list[float]:
+    """Trailing mean over ``window`` points; the first ``window - 1`` points have none."""
+    sums, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value - (values[i - window] if i >= window else 0.0)
+        if i >= window - 1:
+            sums.append(total / window)
+    return sums
+
+
+def smoothing_window(n: int) -> int:
+    """About a tenth of the points, at least 2 and at most 50 steps."""
+    return max(2, min(50, n // 10))
+
+
+def _draw(ax, key: str, steps: list[int], values: list[float], window: int) -> None:
+    ax.set_title(key)
+    ax.set_ylabel(key)
+    ax.grid(True, alpha=0.3)
+    if not steps:
+        ax.text(0.5, 0.5, f"no {key} logged", ha="center", va="center", transform=ax.transAxes)
+        return
+    ax.plot(steps, values, marker="." if len(steps) <= SMOOTH_ABOVE else None, alpha=0.5, label=key)
+    if len(steps) > SMOOTH_ABOVE:
+        window = min(window, len(steps))  # a sparse curve beside a dense one
+        ax.plot(steps[window - 1:], moving_average(values, window), linewidth=2, label=f"moving average ({window} steps)")
+    ax.legend(loc="best")
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Draw the run's reward_mean and kl curves into ``out`` (default ``<run_dir>/curves.png``)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    run_dir = Path(run_dir)
+    curves = load_curves(run_dir)
+    out = Path(out) if out is not None else run_dir / DEFAULT_PNG
+    fig = Figure(figsize=(8, 6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(CURVES), 1, sharex=True)
+    # One window for both panels (from the longer curve), so that they smooth alike.
+    window = smoothing_window(max(len(steps) for steps, _ in curves.values()))
+    for ax, key in zip(axes, CURVES, strict=True):
+        _draw(ax, key, *curves[key], window)
+    axes[-1].set_xlabel("PPO step")
+    fig.suptitle(f"run {run_dir.resolve().name}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png", dpi=100)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``rlhf-launch plot RUN_DIR [--out PNG]``: print the PNG written; exit status 2 on a bad run folder."""
+    p = argparse.ArgumentParser(prog="rlhf-launch plot", description="Plot reward_mean and kl of a run.")
+    p.add_argument("run_dir", metavar="RUN_DIR", type=Path, help="run folder holding metrics.jsonl")
+    p.add_argument("--out", metavar="PNG", type=Path, help=f"image to write (default RUN_DIR/{DEFAULT_PNG})")
+    args = p.parse_args(argv)
+    try:
+        path = plot_run(args.run_dir, args.out)
+    except PlotError as exc:
+        print(f"rlhf-launch plot: {exc}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0

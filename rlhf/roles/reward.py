@@ -1,0 +1,48 @@
+"""The reward: a reward model's score of each whole sequence, or a Python function of the texts."""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import Tensor
+
+from rlhf.config import JobSpec
+from rlhf.models import load_value_model, sequence_scores
+from rlhf.roles.common import in_micro_batches
+from rlhf.rollout import Batch, sequences
+
+
+def load_function(path: str):
+    module_name, _, name = path.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"model_configs.reward.reward_function: cannot load {path!r}: {exc}") from None
+
+
+class RewardRole:
+    def __init__(self, spec: JobSpec, device: torch.device, tokenizer):
+        cfg = spec.model_configs.reward
+        self.spec, self.tokenizer = spec, tokenizer
+        if cfg.reward_function:
+            self.function, self.model = load_function(cfg.reward_function), None
+        else:
+            self.function = None
+            self.model = load_value_model(cfg.model_path, cfg.torch_dtype, device, tokenizer.pad_token_id).requires_grad_(False)
+
+    def scores(self, rollout: Batch) -> Tensor:
+        """Raw scores [B] (clipping and scaling belong to the PPO step)."""
+        if self.function is not None:
+            return self._function_scores(rollout)
+        fn = lambda b: sequence_scores(self.model, *sequences(b))  # noqa: E731
+        return in_micro_batches(fn, rollout, self.spec.rollout_config.reward_micro_bs)
+
+    def _function_scores(self, rollout: Batch) -> Tensor:
+        decode = lambda ids, mask: [self.tokenizer.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(ids, mask, strict=False)]  # noqa: E731
+        prompts = decode(rollout["prompt_ids"], rollout["prompt_mask"])
+        responses = decode(rollout["response_ids"], rollout["response_mask"])
+        scores = self.function(prompts, responses)
+        if len(scores) != len(responses):
+            raise ValueError(f"reward function returned {len(scores)} scores for {len(responses)} responses")
+        return torch.tensor([float(s) for s in scores])

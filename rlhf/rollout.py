@@ -1,0 +1,108 @@
+"""Generating responses and laying a rollout out as tensors.
+
+A rollout batch is a dict of tensors (no Python objects), so that it can move between role
+processes unchanged:
+  prompt_ids [B, P]      left-padded prompts      prompt_mask [B, P]
+  response_ids [B, R]    right-padded responses   response_mask [B, R]  1 up to and including the
+                                                                        first stop token
+  finished [B]           whether the response ended with a stop token
+A response that reaches max_new_tokens without a stop token keeps all its tokens in the mask:
+it is scored like any other and its last token is treated as terminal (no bootstrapped value).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers import GenerationConfig, PreTrainedModel
+
+from rlhf.config import JobSpec
+
+Batch = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    do_sample: bool
+    temperature: float
+    top_k: int
+    top_p: float
+    min_new_tokens: int
+    max_new_tokens: int
+    stop_ids: tuple[int, ...]
+    pad_id: int
+
+    @staticmethod
+    def from_spec(spec: JobSpec, eos_id: int, pad_id: int) -> SamplingSettings:
+        gk = spec.rollout_config.generate_kwargs
+        eos = gk.eos_token_id if gk.eos_token_id is not None else eos_id
+        stops = [eos] + [spec.repeater_config.answer_end_id] * (spec.repeater_config.answer_end_id not in (None, eos))
+        return SamplingSettings(
+            do_sample=gk.do_sample,
+            temperature=gk.temperature,
+            top_k=gk.top_k,
+            top_p=gk.top_p,
+            min_new_tokens=gk.min_new_tokens,
+            max_new_tokens=spec.rollout_config.max_new_tokens,
+            stop_ids=tuple(stops),
+            pad_id=gk.pad_token_id if gk.pad_token_id is not None else pad_id,
+        )
+
+    def generation_config(self) -> GenerationConfig:
+        # Every sampling knob set explicitly: generate() fills unset ones from the checkpoint's own
+        # generation_config.json and then from library defaults (top_k 50), which would change the policy.
+        sampling = dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p) if self.do_sample else dict(temperature=1.0, top_k=0, top_p=1.0)
+        return GenerationConfig(
+            do_sample=self.do_sample,
+            num_beams=1,
+            max_new_tokens=self.max_new_tokens,
+            min_new_tokens=self.min_new_tokens,
+            eos_token_id=list(self.stop_ids),
+            pad_token_id=self.pad_id,
+            repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            **sampling,
+        )
+
+
+def response_mask(response_ids: Tensor, stop_ids: tuple[int, ...]) -> Tensor:
+    """1 on each response token up to and including its first stop token."""
+    is_stop = torch.zeros_like(response_ids, dtype=torch.bool)
+    for stop in stop_ids:
+        is_stop |= response_ids == stop
+    stops_before = is_stop.long().cumsum(-1) - is_stop.long()  # stop tokens strictly before t
+    return (stops_before == 0).long()
+
+
+def pad_right(chunks: list[Tensor], value: int) -> Tensor:
+    width = max(c.shape[1] for c in chunks)
+    return torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=value) for c in chunks])
+
+
+@torch.no_grad()
+def hf_generate(model: PreTrainedModel, prompt_ids: Tensor, prompt_mask: Tensor, settings: SamplingSettings, micro_bs: int) -> Batch:
+    """Sample one response per prompt with Hugging Face generate, ``micro_bs`` prompts at a time."""
+    config = settings.generation_config()
+    chunks = []
+    for start in range(0, prompt_ids.shape[0], micro_bs):
+        ids, mask = prompt_ids[start : start + micro_bs], prompt_mask[start : start + micro_bs]
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        chunks.append(out[:, ids.shape[1] :])
+    responses = pad_right(chunks, settings.pad_id)
+    mask = response_mask(responses, settings.stop_ids)
+    responses = responses.masked_fill(mask == 0, settings.pad_id)
+    finished = torch.isin(responses, torch.tensor(settings.stop_ids)).any(1)
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": responses, "response_mask": mask, "finished": finished}
+
+
+def sequences(batch: Batch) -> tuple[Tensor, Tensor]:
+    """Prompt and response side by side: (input_ids [B, P+R], attention_mask [B, P+R])."""
+    input_ids = torch.cat([batch["prompt_ids"], batch["response_ids"]], dim=1)
+    attention_mask = torch.cat([batch["prompt_mask"], batch["response_mask"]], dim=1)
+    return input_ids, attention_mask
+
+
+def select(batch: Batch, index: Tensor | slice) -> Batch:
+    return {k: v[index] for k, v in batch.items()}

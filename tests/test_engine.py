@@ -1,0 +1,64 @@
+"""The optimizer side: learning-rate schedule and exact gradient accumulation."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from rlhf import ppo
+from rlhf.config import TrainKwargs
+from rlhf.engine import TorchTrainer, lr_factor
+from rlhf.roles.common import train_minibatches
+from rlhf.timing import Timer
+
+
+def test_linear_decay_to_the_final_rate():
+    kw = TrainKwargs(lr=1.0, total_steps=10, lr_decay_rate=0.1)
+    assert [round(lr_factor(s, kw), 6) for s in (0, 5, 10, 20)] == [1.0, 0.55, 0.1, 0.1]
+    model = torch.nn.Linear(2, 1)
+    trainer = TorchTrainer(model, kw)
+    for _ in range(5):
+        model(torch.ones(1, 2)).sum().backward()
+        trainer.step()
+    assert trainer.lr == pytest.approx(0.55)
+
+
+def make_experience(n=8, t=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mask = (torch.arange(t).expand(n, t) < torch.randint(1, t + 1, (n, 1), generator=g)).long()
+    return {"x": torch.randn(n, t, 3, generator=g), "target": torch.randn(n, t, generator=g), "response_mask": mask}
+
+
+@pytest.mark.parametrize("loss_type", ["per_token", "per_seq"])
+def test_micro_batches_accumulate_to_the_minibatch_gradient(loss_type):
+    """One optimizer step over micro batches of 2 equals one over the whole minibatch of 8."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(3, 1)
+    experience = make_experience()
+
+    def run(micro_bs):
+        model = copy.deepcopy(base)
+        trainer = TorchTrainer(model, TrainKwargs(lr=0.1, max_grad_norm=None))
+
+        def loss_fn(micro, num_seqs, num_tokens):
+            err = (model(micro["x"]).squeeze(-1) - micro["target"]) ** 2
+            return ppo.aggregate_loss(err, micro["response_mask"], loss_type, num_seqs, num_tokens), {}
+
+        stats = train_minibatches(trainer, experience, loss_fn, minibatch=8, micro_bs=micro_bs, epochs=1, seed=3, timer=Timer())
+        return model, stats
+
+    whole, s1 = run(8)
+    parts, s2 = run(2)
+    torch.testing.assert_close(whole.weight, parts.weight, rtol=1e-6, atol=1e-7)
+    assert s1["loss"] == pytest.approx(s2["loss"], rel=1e-6)
+
+
+def test_gradient_clipping_reports_the_norm():
+    model = torch.nn.Linear(1, 1, bias=False)
+    model.weight.data.fill_(0.0)
+    trainer = TorchTrainer(model, TrainKwargs(lr=1.0, max_grad_norm=0.5))
+    (model(torch.tensor([[10.0]])) - 0.0).sum().backward()
+    assert trainer.step() == pytest.approx(10.0)
+    assert torch.is_tensor(model.weight)

@@ -1,0 +1,73 @@
+"""The PPO loop end to end on the tiny spec: learning, checkpoints, exact resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from launcher.cli import main
+from launcher.spec import load_spec
+from rlhf.checkpoint import latest_checkpoint
+from rlhf.loop import run_local
+from rlhf.metrics import read_metrics
+from tests.conftest import ROOT
+
+TINY = ROOT / "specs" / "tiny_cpu.yaml"
+TIMING = {"step_time_s", "generate_time_s", "score_time_s", "train_time_s", "forward_time_s", "backward_time_s", "optimizer_time_s", "gen_tokens_per_s"}
+REQUIRED = {"step", "reward_mean", "kl", "policy_loss", "value_loss", "entropy", "response_len_mean", "step_time_s", "gen_tokens_per_s", "generate_time_s", "score_time_s", "train_time_s"}
+
+
+def tiny(*overrides):
+    return load_spec(TINY, list(overrides)).spec
+
+
+@pytest.mark.slow
+def test_reward_goes_up_on_the_tiny_spec(tiny_models, tmp_path):
+    history = run_local(tiny(), tmp_path / "run", quiet=True)
+    rewards = [m["reward_mean"] for m in history]
+    first, last = sum(rewards[:8]) / 8, sum(rewards[-8:]) / 8
+    assert last > first + 0.2, rewards
+    assert REQUIRED <= set(history[0])
+    assert (tmp_path / "run" / "final" / "actor" / "config.json").exists()
+
+
+def without_timing(rows):
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
+
+
+def test_resumed_run_equals_an_uninterrupted_run(tiny_models, tmp_path):
+    sets = ("train_config.save_interval=2", "dataset_config.num_samples_each_epoch=16", "train_config.ppo_minibatch=8", "train_config.value_minibatch=8", "repeater_config.reward_scale=true")
+    straight = tmp_path / "straight"
+    run_local(tiny(*sets, "train_config.max_train_step=4"), straight, quiet=True)
+    resumed = tmp_path / "resumed"
+    run_local(tiny(*sets, "train_config.max_train_step=2"), resumed, quiet=True)
+    run_local(tiny(*sets, "train_config.max_train_step=4"), resumed, resume="auto", quiet=True)
+    a, b = read_metrics(straight), read_metrics(resumed)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert without_timing(a) == without_timing(b)
+    for name in ("actor.pt", "critic.pt"):
+        sa = torch.load(latest_checkpoint(straight) / name, weights_only=False)
+        sb = torch.load(latest_checkpoint(resumed) / name, weights_only=False)
+        for key, tensor in sa["model"].items():
+            assert torch.equal(tensor, sb["model"][key]), key
+    assert json.loads((resumed / "status.json").read_text())["state"] == "completed"
+
+
+def test_python_reward_function(tiny_models, tmp_path):
+    spec = tiny("model_configs.reward.model_path=null", "model_configs.reward.reward_function=rlhf.rewards:vowel_ratio", "train_config.max_train_step=1")
+    (row,) = run_local(spec, tmp_path / "run", quiet=True)
+    assert -1.0 <= row["reward_mean"] <= 1.0
+
+
+def test_cli_local_run_and_refusal_to_overwrite(tiny_models, tmp_path, capsys):
+    args = [str(TINY), "--local", "--output-dir", str(tmp_path), "--set", "train_config.max_train_step=1"]
+    assert main(args) == 0
+    run_dir = tmp_path / "tiny_cpu"
+    assert (run_dir / "spec.yaml").exists() and len(read_metrics(run_dir)) == 1
+    assert main(args) == 2
+    assert "already holds a run; continue it with --resume" in capsys.readouterr().err
+    assert main([*args[:-1], "train_config.max_train_step=2", "--resume"]) == 0
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2]
+    assert main([*args, "--resume", str(tmp_path / "nowhere")]) == 2
