@@ -1,4 +1,4 @@
-"""Speed of one PPO step: our LocalPPO against TRL 1.12.0's PPOTrainer, on the tiny CPU model.
+"""Speed of one PPO step: our PPOLoop against TRL 1.12.0's PPOTrainer, on the tiny CPU model.
 
     .venv/bin/python bench/ppo_step.py            # full run (20 timed steps each, ~2 min on 2 cores)
     .venv/bin/python bench/ppo_step.py --quick    # smoke run (3 timed steps each)
@@ -6,7 +6,7 @@
 
 Everything runs in this one process, one system after the other, with the same torch thread count:
 
-1. ours: ``LocalPPO.ppo_step`` on specs/tiny_cpu.yaml with the overrides in ``OUR_OVERRIDES`` (rollout
+1. ours: ``PPOLoop.ppo_step`` on specs/tiny_cpu.yaml with the overrides in ``OUR_OVERRIDES`` (rollout
    of 8 prompts, 32 response tokens each, 4 PPO epochs of one minibatch of 8, TRL's kl_coef);
    per-step split from the engine's own timer (generate / score = every rollout inference forward /
    train forward / backward / optimizer) and the orchestration overhead = step - all of those.
@@ -131,6 +131,14 @@ def check_models(spec) -> None:
         sys.exit(f"tiny models missing ({', '.join(missing)}); build them with: .venv/bin/python -m rlhf.tiny_models")
 
 
+def shown(path: str) -> str:
+    """A path relative to the repository when it is inside it, else as given."""
+    try:
+        return Path(path).relative_to(REPO).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def stats(values: list[float]) -> dict[str, float]:
     return {
         "median": statistics.median(values),
@@ -153,11 +161,11 @@ def load_our_spec():
 
 # ------------------------------------------------------------------------------------------ ours
 def bench_ours(spec, warmup: int, steps: int) -> dict:
-    from rlhf.loop import LocalPPO
+    from rlhf.loop import PPOLoop
 
     with tempfile.TemporaryDirectory(prefix="bench-ppo-ours-") as tmp:
         setup_started = time.perf_counter()
-        engine = LocalPPO(spec, Path(tmp))
+        engine = PPOLoop(spec, Path(tmp))
         setup_s = time.perf_counter() - setup_started
         for step in range(1, warmup + 1):
             engine.ppo_step(step)
@@ -310,12 +318,12 @@ def print_environment(threads: int) -> None:
 def print_settings(spec, warmup: int, steps: int) -> None:
     print("settings (both systems)")
     print(
-        f"  model: {Path(spec.model_configs.actor.model_path).relative_to(REPO)} (policy, ref = a second load), "
-        f"{Path(spec.model_configs.critic.model_path).relative_to(REPO)} (value), "
-        f"{Path(spec.model_configs.reward.model_path).relative_to(REPO)} (reward); float32, CPU"
+        f"  model: {shown(spec.model_configs.actor.model_path)} (policy, ref = a second load), "
+        f"{shown(spec.model_configs.critic.model_path)} (value), "
+        f"{shown(spec.model_configs.reward.model_path)} (reward); float32, CPU"
     )
     print(
-        f"  prompts: {', '.join(Path(p.split('::')[0]).relative_to(REPO).as_posix() for p in spec.dataset_config.ppo_datas)} "
+        f"  prompts: {', '.join(shown(p.split('::')[0]) for p in spec.dataset_config.ppo_datas)} "
         f"(chat template, max {spec.dataset_config.max_seq_len} tokens, left-padded)"
     )
     print(
@@ -337,7 +345,7 @@ def print_settings(spec, warmup: int, steps: int) -> None:
 def print_results(ours: dict, trl: dict[str, dict]) -> None:
     print()
     print(f"{'seconds per PPO step':<34}{'median':>9}{'mean':>9}{'min':>9}{'max':>9}{'n':>5}")
-    rows = [("ours (LocalPPO.ppo_step)", ours["times"])] + [(name, r["times"]) for name, r in trl.items()]
+    rows = [("ours (PPOLoop.ppo_step)", ours["times"])] + [(name, r["times"]) for name, r in trl.items()]
     for name, t in rows:
         print(f"{name:<34}{t['median']:>9.4f}{t['mean']:>9.4f}{t['min']:>9.4f}{t['max']:>9.4f}{t['n']:>5}")
     for name, r in trl.items():
@@ -369,7 +377,7 @@ def print_results(ours: dict, trl: dict[str, dict]) -> None:
     )
     print(
         f"  (median per-step overhead {ours['overhead_median']:.4f} s; engine setup {ours['setup_s']:.2f} s, not timed; "
-        f"{ours['frozen_objects']} objects frozen by LocalPPO)"
+        f"{ours['frozen_objects']} objects frozen by PPOLoop)"
     )
     if trl:
         print(
@@ -414,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     print(f"[1/3] ours: {warmup} warm-up + {steps} timed steps ...", flush=True)
     ours = bench_ours(spec, warmup, steps)
-    gc.unfreeze()  # LocalPPO froze the heap; TRL "as shipped" must start from an unfrozen one
+    gc.unfreeze()  # PPOLoop froze the heap; TRL "as shipped" must start from an unfrozen one
     gc.collect()
     trl: dict[str, dict] = {}
     if not args.no_trl:

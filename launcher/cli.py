@@ -137,20 +137,24 @@ def run_here(loaded, run_dir: Path, resume: str | None) -> int:
     if problem:
         print(f"rlhf-launch: {problem}", file=sys.stderr)
         return EXIT_BAD_SPEC
-    from rlhf.checkpoint import CheckpointError
-    from rlhf.loop import run_local
+    from launcher.local import run_local_ranks
+    from rlhf.checkpoint import CheckpointError, resolve_resume
 
-    print(f"rlhf-launch: training {loaded.spec.run.name} locally; run folder {run_dir}", file=sys.stderr)
     try:
-        run_local(loaded.spec, run_dir, resume)
+        resolve_resume(run_dir, resume)  # a bad --resume is reported here, before any process starts
     except CheckpointError as exc:
         print(f"rlhf-launch: {exc}", file=sys.stderr)
         return EXIT_BAD_SPEC
+    plan = loaded.plan
+    print(f"rlhf-launch: training {loaded.spec.run.name} here with {plan.world_size} processes; run folder {run_dir}", file=sys.stderr)
+    try:
+        status = run_local_ranks(plan, run_dir / "spec.yaml", run_dir, resume)
     except KeyboardInterrupt:
         print(f"rlhf-launch: interrupted; continue with --resume (run folder {run_dir})", file=sys.stderr)
         return 130
-    print(f"rlhf-launch: done; metrics in {run_dir / 'metrics.jsonl'}, final models in {run_dir / 'final'}", file=sys.stderr)
-    return 0
+    if status == 0:
+        print(f"rlhf-launch: done; metrics in {run_dir / 'metrics.jsonl'}, final models in {run_dir / 'final'}", file=sys.stderr)
+    return status
 
 
 def main_convert(argv: Sequence[str]) -> int:

@@ -348,6 +348,10 @@ class RunConfig:
     )
     seed: int = option(0, "Seed of weights initialisation and sampling.")
     device: Literal["auto", "cuda", "cpu"] = option("auto", "auto: CUDA when available, else CPU.")
+    rendezvous_timeout_s: float = option(
+        600, "Seconds every rank waits for the others to arrive before the job fails, naming the missing ones.",
+        exclusiveMinimum=0,
+    )
 
 
 @dataclass(kw_only=True)

@@ -54,26 +54,48 @@ def position_ids(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+class PolicyModule(torch.nn.Module):
+    """A causal LM whose forward gives the logits of each response token, [B, R, V], divided by the
+    sampling temperature (log-probs must be those of the distribution the tokens came from).
+    A module of its own so that DDP and DeepSpeed see the forward that training runs."""
+
+    def __init__(self, model: PreTrainedModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, response_len: int, temperature: float = 1.0) -> Tensor:
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids(attention_mask),
+            logits_to_keep=response_len + 1,
+            use_cache=False,
+        )
+        logits = out.logits[:, :-1].float()
+        return logits / temperature if temperature != 1.0 else logits
+
+
+class ValueModule(torch.nn.Module):
+    """A sequence-classification model used per token: V_t for each response token, [B, R],
+    the value head on the prefix before the token."""
+
+    def __init__(self, model: PreTrainedModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, response_len: int) -> Tensor:
+        hidden = self.model.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False
+        ).last_hidden_state
+        return self.model.score(hidden[:, -response_len - 1 : -1]).squeeze(-1).float()
+
+
 def response_logits(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, response_len: int, temperature: float) -> Tensor:
-    """Logits predicting each response token, [B, R, V], divided by the sampling temperature
-    (log-probs must be those of the distribution the tokens were sampled from)."""
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids(attention_mask),
-        logits_to_keep=response_len + 1,
-        use_cache=False,
-    )
-    logits = out.logits[:, :-1].float()
-    return logits / temperature if temperature != 1.0 else logits
+    return PolicyModule(model)(input_ids, attention_mask, response_len, temperature)
 
 
 def token_values(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, response_len: int) -> Tensor:
-    """V_t for each response token, [B, R]: the value head on the prefix before the token."""
-    hidden = model.base_model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False
-    ).last_hidden_state
-    return model.score(hidden[:, -response_len - 1 : -1]).squeeze(-1).float()
+    return ValueModule(model)(input_ids, attention_mask, response_len)
 
 
 def sequence_scores(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:

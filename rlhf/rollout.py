@@ -12,6 +12,7 @@ it is scored like any other and its last token is treated as terminal (no bootst
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -82,18 +83,32 @@ def pad_right(chunks: list[Tensor], value: int) -> Tensor:
 
 
 @torch.no_grad()
-def hf_generate(model: PreTrainedModel, prompt_ids: Tensor, prompt_mask: Tensor, settings: SamplingSettings, micro_bs: int) -> Batch:
-    """Sample one response per prompt with Hugging Face generate, ``micro_bs`` prompts at a time."""
+def hf_generate(
+    model: PreTrainedModel,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    settings: SamplingSettings,
+    micro_bs: int,
+    first_row: int = 0,
+    seed_of: Callable[[int], int] | None = None,
+) -> Batch:
+    """Sample one response per prompt with Hugging Face generate, ``micro_bs`` prompts at a time.
+
+    With ``seed_of``, the sampler is seeded from the global row of each chunk's first prompt
+    (``first_row`` is this shard's), so responses do not depend on how the batch is sharded.
+    """
     config = settings.generation_config()
     chunks = []
     for start in range(0, prompt_ids.shape[0], micro_bs):
+        if seed_of is not None:
+            torch.manual_seed(seed_of(first_row + start))
         ids, mask = prompt_ids[start : start + micro_bs], prompt_mask[start : start + micro_bs]
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
         chunks.append(out[:, ids.shape[1] :])
     responses = pad_right(chunks, settings.pad_id)
     mask = response_mask(responses, settings.stop_ids)
     responses = responses.masked_fill(mask == 0, settings.pad_id)
-    finished = torch.isin(responses, torch.tensor(settings.stop_ids)).any(1)
+    finished = torch.isin(responses, torch.tensor(settings.stop_ids, device=responses.device)).any(1)
     return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": responses, "response_mask": mask, "finished": finished}
 
 

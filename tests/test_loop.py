@@ -15,7 +15,7 @@ from rlhf.metrics import read_metrics
 from tests.conftest import ROOT
 
 TINY = ROOT / "specs" / "tiny_cpu.yaml"
-TIMING = {"step_time_s", "generate_time_s", "score_time_s", "train_time_s", "forward_time_s", "backward_time_s", "optimizer_time_s", "gen_tokens_per_s"}
+TIMING = {"weight_sync_time_s", "step_time_s", "generate_time_s", "score_time_s", "train_time_s", "forward_time_s", "backward_time_s", "optimizer_time_s", "gen_tokens_per_s"}
 REQUIRED = {"step", "reward_mean", "kl", "policy_loss", "value_loss", "entropy", "response_len_mean", "step_time_s", "gen_tokens_per_s", "generate_time_s", "score_time_s", "train_time_s"}
 
 

@@ -9,37 +9,39 @@ from torch import Tensor
 
 from rlhf import ppo
 from rlhf.config import JobSpec
-from rlhf.engine import TorchTrainer
-from rlhf.models import load_causal_lm, response_logits
-from rlhf.roles.common import in_micro_batches, train_minibatches
+from rlhf.models import PolicyModule, load_causal_lm
+from rlhf.roles.common import in_micro_batches, make_trainer, train_minibatches
 from rlhf.rollout import Batch, SamplingSettings, hf_generate, sequences
 from rlhf.timing import Timer
 
 
-def policy_logprobs(model, batch: Batch, temperature: float) -> Tensor:
+def policy_logprobs(policy: torch.nn.Module, batch: Batch, temperature: float) -> Tensor:
     input_ids, attention_mask = sequences(batch)
-    logits = response_logits(model, input_ids, attention_mask, batch["response_ids"].shape[1], temperature)
+    logits = policy(input_ids, attention_mask, batch["response_ids"].shape[1], temperature)
     return ppo.logprobs_from_logits(logits, batch["response_ids"])
 
 
 class ActorRole:
-    def __init__(self, spec: JobSpec, device: torch.device, sampling: SamplingSettings, timer: Timer):
+    def __init__(self, spec: JobSpec, device: torch.device, sampling: SamplingSettings, timer: Timer, cluster):
         cfg = spec.model_configs.actor
-        self.spec, self.sampling, self.timer = spec, sampling, timer
+        self.spec, self.sampling, self.timer, self.cluster = spec, sampling, timer, cluster
         self.model = load_causal_lm(cfg.model_path, cfg.torch_dtype, device)
-        self.trainer = TorchTrainer(self.model, cfg.trainer_config.train_kwargs)
+        self.trainer = make_trainer(spec, "actor", PolicyModule(self.model), cluster, device)
         self.loss_type = cfg.trainer_config.train_kwargs.loss_type
 
-    def generate(self, prompts: Batch) -> Batch:
-        return hf_generate(self.model, prompts["prompt_ids"], prompts["prompt_mask"], self.sampling, self.spec.rollout_config.actor_micro_bs)
+    def generate(self, prompts: Batch, first_row: int, seed_of) -> Batch:
+        """Sample responses for this rank's prompts (all parameters gathered under ZeRO-3)."""
+        with torch.no_grad(), self.trainer.gathered():
+            return hf_generate(self.model, prompts["prompt_ids"], prompts["prompt_mask"], self.sampling,
+                               self.spec.rollout_config.actor_micro_bs, first_row, seed_of)
 
     def logprobs(self, rollout: Batch) -> Tensor:
-        fn = lambda b: policy_logprobs(self.model, b, self.sampling.temperature)  # noqa: E731
+        fn = lambda b: policy_logprobs(self.trainer.module, b, self.sampling.temperature)  # noqa: E731
         return in_micro_batches(fn, rollout, self.spec.repeater_config.actor_micro_bs)
 
     def _loss(self, micro: Batch, num_seqs: int, num_tokens: int):
         input_ids, attention_mask = sequences(micro)
-        logits = response_logits(self.model, input_ids, attention_mask, micro["response_ids"].shape[1], self.sampling.temperature)
+        logits = self.trainer.module(input_ids, attention_mask, micro["response_ids"].shape[1], self.sampling.temperature)
         logprobs = ppo.logprobs_from_logits(logits, micro["response_ids"])
         mask = micro["response_mask"]
         loss, stats = ppo.policy_loss(
@@ -52,15 +54,22 @@ class ActorRole:
 
     def train(self, experience: Batch, seed: int) -> dict[str, float]:
         tc = self.spec.train_config
-        stats = train_minibatches(self.trainer, experience, self._loss, tc.ppo_minibatch, tc.actor_micro_bs, tc.ppo_epochs, seed, self.timer)
-        return {"policy_loss": stats.pop("loss"), **{f"actor_{k}": v for k, v in stats.items() if k != "entropy"}, "entropy": stats["entropy"], "actor_lr": self.trainer.lr}
+        stats = train_minibatches(
+            self.trainer, experience, self._loss, tc.ppo_minibatch, tc.actor_micro_bs, tc.ppo_epochs, seed, self.timer,
+            shard=self.cluster.shard_of("actor"), group=self.cluster.group("actor"),
+        )
+        entropy = stats.pop("entropy")
+        return {"policy_loss": stats.pop("loss"), **{f"actor_{k}": v for k, v in stats.items()}, "entropy": entropy, "actor_lr": self.trainer.lr}
 
-    def state_dict(self) -> dict:
-        return self.trainer.state_dict()
+    def save_pretrained(self, directory: Path, tokenizer, is_writer: bool) -> None:
+        """The policy as a Hugging Face folder (a collective under ZeRO-3)."""
+        save_inner_pretrained(self.trainer, self.model, directory, tokenizer, is_writer)
 
-    def load_state_dict(self, state: dict) -> None:
-        self.trainer.load_state_dict(state)
 
-    def save_pretrained(self, directory: Path, tokenizer) -> None:
-        self.model.save_pretrained(directory)
+def save_inner_pretrained(trainer, model, directory: Path, tokenizer, is_writer: bool) -> None:
+    state = trainer.full_state_dict()
+    if is_writer:
+        prefix = "model."
+        state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+        model.save_pretrained(directory, state_dict=state)
         tokenizer.save_pretrained(directory)

@@ -1,18 +1,36 @@
-"""What the roles share: micro-batched inference and the minibatch / micro-batch training loop."""
+"""What the roles share: building a trainer for the spec's mode, micro-batched inference, and
+the minibatch / micro-batch training loop."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
-from rlhf.engine import TorchTrainer
+from rlhf.config import JobSpec
+from rlhf.engine import DeepSpeedTrainer, TorchTrainer, deepspeed_config
 from rlhf.rollout import Batch, select
 from rlhf.timing import Timer
 
 # loss_fn(micro batch, minibatch sequence count, minibatch response-token count) -> (loss, stats)
 LossFn = Callable[[Batch, int, int], tuple[Tensor, dict[str, Tensor]]]
+
+
+def make_trainer(spec: JobSpec, role: str, module: torch.nn.Module, cluster, device: torch.device):
+    """Plain torch in one process; DDP or DeepSpeed over the role's ranks otherwise."""
+    cfg = spec.model_configs.roles()[role]
+    kwargs = cfg.trainer_config.train_kwargs
+    group = cluster.group(role)
+    if group is None:
+        return TorchTrainer(module, kwargs)
+    if cfg.trainer_config.parallel.data.mode == "ddp":
+        return TorchTrainer(module, kwargs, group=group, device=device)
+    tc = spec.train_config
+    micro = tc.actor_micro_bs if role == "actor" else tc.critic_micro_bs
+    minibatch = tc.ppo_minibatch if role == "actor" else tc.value_minibatch
+    return DeepSpeedTrainer(module, kwargs, deepspeed_config(spec, role, cfg, micro, minibatch))
 
 
 @torch.no_grad()
@@ -28,7 +46,7 @@ def minibatch_order(size: int, epochs: int, seed: int) -> list[Tensor]:
 
 
 def train_minibatches(
-    trainer: TorchTrainer,
+    trainer,
     experience: Batch,
     loss_fn: LossFn,
     minibatch: int,
@@ -36,27 +54,45 @@ def train_minibatches(
     epochs: int,
     seed: int,
     timer: Timer,
+    shard: tuple[int, int] = (0, 1),
+    group=None,
 ) -> dict[str, float]:
-    """PPO epochs over the experience: one optimizer step per minibatch, gradients accumulated
-    over micro batches whose losses are normalised by the whole minibatch's sequence and token
-    counts, so that the accumulated gradient is exactly that of the minibatch loss."""
+    """PPO epochs over the experience: one optimizer step per minibatch. Each of the role's
+    ``shard[1]`` ranks takes its slice of every minibatch; gradients are accumulated over micro
+    batches whose losses are normalised by the whole minibatch's sequence and token counts, so
+    that the summed gradient is exactly that of the minibatch loss."""
+    index, parts = shard
     size = experience["response_mask"].shape[0]
+    local = minibatch // parts
     sums: dict[str, float] = {}
     steps = 0
     for order in minibatch_order(size, epochs, seed):
         for start in range(0, size, minibatch):
             mb = select(experience, order[start : start + minibatch])
-            num_tokens = int(mb["response_mask"].sum())
-            for micro_start in range(0, minibatch, micro_bs):
-                micro = select(mb, slice(micro_start, micro_start + micro_bs))
+            num_tokens = max(int(mb["response_mask"].sum()), 1)
+            mine = select(mb, slice(index * local, (index + 1) * local))
+            for micro_start in range(0, local, micro_bs):
+                micro = select(mine, slice(micro_start, micro_start + micro_bs))
                 with timer("forward"):
-                    loss, stats = loss_fn(micro, minibatch, max(num_tokens, 1))
+                    loss, stats = loss_fn(micro, minibatch, num_tokens)
                 with timer("backward"):
                     trainer.backward(loss)
                 for key, value in stats.items():
-                    sums[key] = sums.get(key, 0.0) + float(value) * micro["response_mask"].shape[0] / minibatch
+                    sums[key] = sums.get(key, 0.0) + float(value) * micro["response_mask"].shape[0] / local
                 sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
             with timer("optimizer"):
                 sums["grad_norm"] = sums.get("grad_norm", 0.0) + trainer.step()
             steps += 1
-    return {key: value / steps for key, value in sums.items()}
+    stats = {key: value / steps for key, value in sums.items()}
+    return _reduce_over_ranks(stats, group, parts)
+
+
+def _reduce_over_ranks(stats: dict[str, float], group, parts: int) -> dict[str, float]:
+    """loss: the ranks' parts add up to the minibatch loss; other statistics: mean over ranks."""
+    if group is None or parts == 1:
+        return stats
+    keys = sorted(stats)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    values = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(values, group=group)
+    return {k: float(v) if k == "loss" else float(v) / parts for k, v in zip(keys, values, strict=True)}

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from rlhf.config import JobSpec
-from rlhf.models import load_causal_lm
+from rlhf.models import PolicyModule, load_causal_lm
 from rlhf.roles.actor import policy_logprobs
 from rlhf.roles.common import in_micro_batches
 from rlhf.rollout import Batch
@@ -16,8 +16,8 @@ class ReferenceRole:
     def __init__(self, spec: JobSpec, device: torch.device, temperature: float):
         cfg = spec.model_configs.reference
         self.spec, self.temperature = spec, temperature
-        self.model = load_causal_lm(cfg.model_path, cfg.torch_dtype, device).requires_grad_(False)
+        self.policy = PolicyModule(load_causal_lm(cfg.model_path, cfg.torch_dtype, device).requires_grad_(False))
 
     def logprobs(self, rollout: Batch) -> Tensor:
-        fn = lambda b: policy_logprobs(self.model, b, self.temperature)  # noqa: E731
+        fn = lambda b: policy_logprobs(self.policy, b, self.temperature)  # noqa: E731
         return in_micro_batches(fn, rollout, self.spec.repeater_config.ref_micro_bs)

@@ -1,0 +1,112 @@
+"""Speed of the actor -> generator weight sync against a raw broadcast of the same bytes.
+
+Two processes (actor rank 0 and one generator rank) on this machine, gloo on CPU or NCCL
+on two GPUs, the same PeerGroup the training job uses. Prints, from one run:
+  raw        one broadcast of a flat buffer holding every parameter's bytes (the ceiling)
+  rlhf sync  rlhf.weight_sync: large tensors straight from and into parameters, small ones in buckets
+  per-tensor one broadcast per parameter (what bucketing avoids)
+Target: rlhf sync >= 90 % of raw throughput.
+
+    python bench/weight_sync.py [--hidden 1024 --layers 8] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rlhf.dist import PeerGroup  # noqa: E402
+from rlhf.weight_sync import receive_weights, send_weights  # noqa: E402
+
+
+def build_model(hidden: int, layers: int) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=layers,
+                      num_attention_heads=max(1, hidden // 64), tie_word_embeddings=False)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg)
+
+
+def timed(fn, group: PeerGroup, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        group.barrier()
+        start = time.perf_counter()
+        fn()
+        group.barrier()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def worker(rank: int, port: int, args, results_file: str) -> None:
+    torch.set_num_threads(1)
+    device = torch.device("cuda", rank) if args.cuda else torch.device("cpu")
+    store = dist.TCPStore("127.0.0.1", port, 2, is_master=rank == 0, timeout=datetime.timedelta(seconds=60))
+    group = PeerGroup(store, "bench", [0, 1], rank, device)
+    model = build_model(args.hidden, args.layers).to(device)
+    named = list(model.named_parameters())
+    total = sum(t.numel() for _, t in named)
+    flat = torch.zeros(total, dtype=named[0][1].dtype, device=device)
+
+    def raw():
+        group.broadcast(flat, 0)
+
+    def bucketed():
+        with torch.no_grad():
+            (send_weights if rank == 0 else receive_weights)(named, 0, group, device)
+
+    def per_tensor():
+        with torch.no_grad():
+            for _, tensor in named:
+                buffer = tensor.data if rank == 0 else torch.empty_like(tensor)
+                group.broadcast(buffer, 0)
+                if rank == 1:
+                    tensor.copy_(buffer)
+
+    for fn in (raw, bucketed, per_tensor):  # warm-up: connections, allocations
+        fn()
+    measured = {name: timed(fn, group, args.repeats) for name, fn in (("raw", raw), ("rlhf sync", bucketed), ("per-tensor", per_tensor))}
+    if rank == 0:
+        Path(results_file).write_text(json.dumps({"measured": measured, "bytes": total * flat.element_size(), "params": len(named)}))
+    group.barrier()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--cuda", action="store_true", help="two GPUs and NCCL instead of gloo on CPU")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        results_file = os.path.join(tmp, "results.json")
+        port = 29000 + os.getpid() % 1000
+        mp.spawn(worker, args=(port, args, results_file), nprocs=2, join=True)
+        results = json.loads(Path(results_file).read_text())
+    measured, nbytes = results["measured"], results["bytes"]
+    backend = "NCCL" if args.cuda else "gloo (CPU)"
+    print(f"weight sync, {backend}: {results['params']} tensors, {nbytes / 2**20:.1f} MiB, median of {args.repeats}")
+    raw = statistics.median(measured["raw"])
+    for name, times in measured.items():
+        median = statistics.median(times)
+        print(f"  {name:<10} {median * 1e3:8.1f} ms  {nbytes / median / 2**30:6.2f} GiB/s  {raw / median * 100:5.1f} % of raw")
+    ratio = raw / statistics.median(measured["rlhf sync"])
+    print(f"rlhf sync / raw throughput: {ratio * 100:.1f} % (target >= 90 %)")
+
+
+if __name__ == "__main__":
+    main()

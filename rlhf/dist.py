@@ -1,0 +1,224 @@
+"""Where this process stands in the job: rank, role and groups; the rendezvous; and the
+watchdog that takes every process down when one of them fails.
+
+Environment (set by the sbatch script on Slurm, or by ``rlhf-launch --local``):
+  RLHF_HET_GROUP, RLHF_RANK_OFFSET   this step's component and the global rank of its first task
+  SLURM_PROCID, SLURM_LOCALID        rank of the task within its component / on its node
+  RLHF_WORLD_SIZE, MASTER_ADDR, MASTER_PORT
+Global rank = RLHF_RANK_OFFSET + SLURM_PROCID; the role follows from the resource plan.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from launcher.plan import Plan
+
+FAILED_KEY = "rlhf/failed"
+HEARTBEAT_S = 1.0
+STALE_AFTER_S = 20.0
+
+
+class RendezvousError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Topology:
+    rank: int
+    world_size: int
+    role: str
+    role_rank: int
+    local_rank: int
+    plan: Plan
+
+    @staticmethod
+    def from_env(plan: Plan, env: dict[str, str] | None = None) -> Topology:
+        env = dict(os.environ if env is None else env)
+        try:
+            rank = int(env["RLHF_RANK_OFFSET"]) + int(env["SLURM_PROCID"])
+            world = int(env.get("RLHF_WORLD_SIZE", plan.world_size))
+        except KeyError as exc:
+            raise RendezvousError(f"missing environment variable {exc.args[0]}: start workers with rlhf-launch (sbatch script or --local)") from None
+        if world != plan.world_size:
+            raise RendezvousError(f"RLHF_WORLD_SIZE={world} but the spec's plan has {plan.world_size} ranks: the job and its spec disagree")
+        role, role_rank = plan.role_of_rank(rank)
+        return Topology(rank, world, role, role_rank, int(env.get("SLURM_LOCALID", "0")), plan)
+
+    def ranks_of(self, role: str) -> list[int]:
+        """Global ranks that run ``role`` (a shared role runs on its host's ranks)."""
+        r = self.plan.role(role)
+        host = self.plan.role(r.shared_with) if r.shared_with else r
+        return list(host.ranks)
+
+    def runs(self, role: str) -> bool:
+        return self.rank in self.ranks_of(role)
+
+    def index_in(self, role: str) -> int:
+        return self.ranks_of(role).index(self.rank)
+
+    def describe(self, rank: int) -> str:
+        role, role_rank = self.plan.role_of_rank(rank)
+        return f"{role} rank {role_rank} (global rank {rank})"
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def rendezvous(topo: Topology, device: torch.device, timeout_s: float) -> dist.TCPStore:
+    """Meet every rank at MASTER_ADDR:MASTER_PORT, or fail naming the ranks that never came.
+
+    Then torch's default process group becomes this process's ROLE (its data-parallel ranks):
+    libraries such as DeepSpeed take the default group to be their whole world and issue
+    group-less barriers and collectives on it. Exchanges between roles run on PeerGroups
+    built on the same store: ``global`` over every rank, and one per exchange.
+    """
+    host, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500"))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    try:
+        store = dist.TCPStore(host, port, topo.world_size, is_master=topo.rank == 0, timeout=timeout, wait_for_workers=False)
+    except Exception as exc:  # noqa: BLE001 - any connection failure gets the same explanation
+        raise RendezvousError(f"{topo.describe(topo.rank)} could not reach the rendezvous at {host}:{port} within {timeout_s:.0f} s: {exc}") from None
+    store.set(f"rlhf/arrived/{topo.rank}", "1")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        missing = [r for r in range(topo.world_size) if not store.check([f"rlhf/arrived/{r}"])]
+        if not missing:
+            break
+        if time.monotonic() > deadline:
+            names = ", ".join(topo.describe(r) for r in missing)
+            raise RendezvousError(f"rendezvous timed out after {timeout_s:.0f} s at {host}:{port}; never arrived: {names}")
+        time.sleep(0.2)
+    role_ranks = list(topo.plan.role(topo.role).ranks)
+    dist.init_process_group(
+        backend_for(device), store=dist.PrefixStore(f"rlhf/role/{topo.role}", store),
+        rank=role_ranks.index(topo.rank), world_size=len(role_ranks), timeout=max(timeout, datetime.timedelta(minutes=10)),
+    )
+    return store
+
+
+class PeerGroup:
+    """A process group over some global ranks, built on the rendezvous store directly.
+
+    Only its members construct it (unlike torch's ``new_group``, which every rank of the
+    default group must call), and ranks are global ranks in every method.
+    """
+
+    def __init__(self, store: dist.Store, name: str, ranks: list[int], rank: int, device: torch.device, timeout_s: float = 1800):
+        self.ranks, self.device = list(ranks), device
+        prefix = dist.PrefixStore(f"rlhf/group/{name}", store)
+        size, me = len(self.ranks), self.ranks.index(rank)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if backend_for(device) == "nccl":
+            options = dist.ProcessGroupNCCL.Options()
+            options._timeout = timeout
+            self.pg = dist.ProcessGroupNCCL(prefix, me, size, options)
+        else:
+            self.pg = dist.ProcessGroupGloo(prefix, me, size, timeout)
+
+    def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        opts = dist.BroadcastOptions()
+        opts.rootRank, opts.rootTensor = self.ranks.index(src), 0
+        self.pg.broadcast([tensor], opts).wait()
+        return tensor
+
+    def barrier(self) -> None:
+        token = torch.zeros(1, device=self.device)
+        self.pg.allreduce([token]).wait()
+
+    def broadcast_object(self, obj, src: int):
+        """A small Python object (metrics, a path); not for the hot path."""
+        import pickle
+
+        me = self.ranks[self.pg.rank()]
+        payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8) if me == src else None
+        size = torch.tensor([payload.numel() if payload is not None else 0], dtype=torch.int64, device=self.device)
+        self.broadcast(size, src)
+        buffer = payload.to(self.device) if payload is not None else torch.empty(int(size), dtype=torch.uint8, device=self.device)
+        self.broadcast(buffer, src)
+        return obj if me == src else pickle.loads(buffer.cpu().numpy().tobytes())
+
+
+class Watchdog:
+    """Takes this process down when any other fails, instead of waiting in a collective.
+
+    A process that raises writes the reason under FAILED_KEY; one that dies silently stops
+    beating. Every process polls both, and exits non-zero naming the failed role and rank.
+    """
+
+    def __init__(self, store: dist.TCPStore, topo: Topology):
+        self.store, self.topo = store, topo
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="rlhf-watchdog", daemon=True)
+        self.thread.start()
+
+    def report_failure(self, exc: BaseException) -> None:
+        reason = f"{self.topo.describe(self.topo.rank)} failed: {type(exc).__name__}: {exc}"
+        try:
+            self.store.set(FAILED_KEY, reason)
+        except Exception:  # noqa: BLE001 - the store may be gone with rank 0; exiting is what matters
+            pass
+
+    def stop(self) -> None:
+        """This process is done: it stops beating, and the others must not count that as a failure."""
+        self.stopped.set()
+        try:
+            self.store.set(f"rlhf/done/{self.topo.rank}", "1")
+        except Exception:  # noqa: BLE001 - rank 0 may have finished and closed the store first
+            pass
+
+    def _run(self) -> None:
+        last_seen: dict[int, tuple[str, float]] = {}
+        while not self.stopped.wait(HEARTBEAT_S):
+            try:
+                self.store.set(f"rlhf/beat/{self.topo.rank}", str(time.time()))
+                if self.store.check([FAILED_KEY]):
+                    self._exit(self.store.get(FAILED_KEY).decode())
+                now = time.monotonic()
+                for rank in range(self.topo.world_size):
+                    if self.store.check([f"rlhf/done/{rank}"]):
+                        continue
+                    key = f"rlhf/beat/{rank}"
+                    beat = self.store.get(key).decode() if self.store.check([key]) else ""
+                    previous = last_seen.get(rank)
+                    if previous is None or previous[0] != beat:
+                        last_seen[rank] = (beat, now)
+                    elif now - previous[1] > STALE_AFTER_S and not self.stopped.is_set():
+                        self._exit(f"{self.topo.describe(rank)} stopped responding for {STALE_AFTER_S:.0f} s")
+            except Exception as exc:  # noqa: BLE001 - losing the store means losing global rank 0
+                if not self.stopped.is_set():
+                    self._exit(f"{self.topo.describe(0)} is unreachable (rendezvous store lost: {exc})")
+
+    def _exit(self, reason: str) -> None:
+        print(f"rlhf: {self.topo.describe(self.topo.rank)} stopping: {reason}", file=sys.stderr, flush=True)
+        os._exit(3)
+
+
+def fail_fast(watchdog: Watchdog | None, exc: BaseException) -> None:
+    """Report a failure of this process to the others, then exit at once: a process that
+    raised must not wait in the collectives of an orderly shutdown.
+
+    A communication error usually means that a peer died: the watchdog then gets a moment
+    to find which one stopped beating, so that the message names it rather than this rank."""
+    traceback.print_exc()
+    if watchdog is not None:
+        if _is_peer_failure(exc):
+            time.sleep(STALE_AFTER_S + 3 * HEARTBEAT_S)  # the watchdog exits first if it finds the dead peer
+        watchdog.report_failure(exc)
+    sys.stderr.flush()
+    os._exit(1)
+
+
+def _is_peer_failure(exc: BaseException) -> bool:
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(s in text for s in ("Connection closed by peer", "Connection reset", "Broken pipe", "NCCL", "timed out", "Timed out"))

@@ -1,0 +1,25 @@
+"""A separate generator group: its own copy of the policy, refreshed from the actor after every
+update by an in-memory broadcast (rlhf/weight_sync.py)."""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf.config import JobSpec
+from rlhf.models import load_causal_lm
+from rlhf.rollout import Batch, SamplingSettings, hf_generate
+from rlhf.weight_sync import receive_weights
+
+
+class HFGeneratorRole:
+    def __init__(self, spec: JobSpec, device: torch.device, sampling: SamplingSettings):
+        cfg = spec.model_configs.actor
+        self.spec, self.sampling, self.device = spec, sampling, device
+        self.model = load_causal_lm(cfg.model_path, cfg.torch_dtype, device).requires_grad_(False)
+
+    def generate(self, prompts: Batch, first_row: int, seed_of) -> Batch:
+        return hf_generate(self.model, prompts["prompt_ids"], prompts["prompt_mask"], self.sampling,
+                           self.spec.rollout_config.actor_micro_bs, first_row, seed_of)
+
+    def receive(self, src: int, group) -> int:
+        return receive_weights(list(self.model.named_parameters()), src, group, self.device)
