@@ -16,7 +16,7 @@ from pathlib import Path
 from launcher.problems import SpecError
 
 EXIT_BAD_SPEC = 2
-COMMANDS = ("convert", "schema", "plot")
+COMMANDS = ("convert", "schema", "plot", "status", "cancel")
 
 _MAIN_HELP = """\
 Run an RLHF-PPO job from a YAML spec.
@@ -25,6 +25,8 @@ Run an RLHF-PPO job from a YAML spec.
   rlhf-launch SPEC --partition gpu    submit one heterogeneous Slurm job
   rlhf-launch SPEC --local            train on this machine (add --resume to continue a run)
   rlhf-launch plot RUN_DIR            draw reward and KL over steps into RUN_DIR/curves.png
+  rlhf-launch status RUN_DIR|JOB_ID   state per component, last metrics, logs
+  rlhf-launch cancel RUN_DIR|JOB_ID   cancel the Slurm job
   rlhf-launch convert CONFIG.py       convert an XTuner-RLHF config to a spec
   rlhf-launch schema                  regenerate schemas/ and the README key reference
 
@@ -114,8 +116,31 @@ def main_spec(argv: Sequence[str]) -> int:
         return 0
     if args.local:
         return run_here(loaded, Path(files.run_dir), args.resume)
-    print("rlhf-launch: submitting to Slurm is not available in this version; use --dry-run or --local", file=sys.stderr)
-    return 1
+    return submit_here(loaded, files, args.resume)
+
+
+def submit_here(loaded, files, resume: str | None) -> int:
+    """Submit one heterogeneous job that runs the rendered script."""
+    from launcher.render import JobFiles, render_sbatch
+    from launcher.submit import SlurmError, submit
+
+    run_dir = Path(files.run_dir)
+    problem = prepare_run_dir(run_dir, loaded.spec, resume)
+    if problem:
+        print(f"rlhf-launch: {problem}", file=sys.stderr)
+        return EXIT_BAD_SPEC
+    script = render_sbatch(loaded.spec, loaded.plan, JobFiles(files.run_dir, files.python, resume or ""))
+    try:
+        job_id = submit(script, run_dir)
+    except SlurmError as exc:
+        print(f"rlhf-launch: {exc}", file=sys.stderr)
+        return 1
+    plan = loaded.plan
+    print(f"submitted job {job_id}: {plan.total_gpus} GPUs on {plan.total_nodes} nodes, {len(plan.components)} components")
+    print(f"run folder: {run_dir}")
+    print(f"follow:     rlhf-launch status {run_dir}    |    tail -f {run_dir}/logs/slurm-{job_id}.out")
+    print(f"cancel:     rlhf-launch cancel {run_dir}")
+    return 0
 
 
 def prepare_run_dir(run_dir: Path, spec, resume: str | None) -> str | None:
@@ -203,6 +228,24 @@ def main_schema(argv: Sequence[str]) -> int:
     return 0
 
 
+def main_job(command: str, argv: Sequence[str]) -> int:
+    what = {"status": "state of each component, the last metrics line and where the logs are", "cancel": "cancel the job"}
+    p = argparse.ArgumentParser(prog=f"rlhf-launch {command}", description=f"Slurm job of a run: {what[command]}.")
+    p.add_argument("target", metavar="RUN_DIR_OR_JOB_ID")
+    args = p.parse_args(argv)
+    from launcher.submit import SlurmError, cancel, status_report
+
+    try:
+        if command == "status":
+            print(status_report(args.target))
+        else:
+            print(f"cancelled job {cancel(args.target)}")
+    except SlurmError as exc:
+        print(f"rlhf-launch {command}: {exc}", file=sys.stderr)
+        return EXIT_BAD_SPEC
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in COMMANDS:
@@ -210,6 +253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from launcher.plot import main as main_plot
 
             return main_plot(argv[1:])
+        if argv[0] in ("status", "cancel"):
+            return main_job(argv[0], argv[1:])
         return {"convert": main_convert, "schema": main_schema}[argv[0]](argv[1:])
     return main_spec(argv)
 

@@ -123,6 +123,13 @@ def run_local_ranks(plan: Plan, spec_file: Path, run_dir: Path, resume: str | No
     sessions of their own, so that a Ctrl-C reaches only this process, which stops them)."""
     previous = {sig: signal.signal(sig, _raise_terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
     procs: list[RankProcess] = []
+
+    def forward_notice(signum, frame):  # as the sbatch script does: every rank checkpoints and stops
+        for p in procs:
+            if p.process.poll() is None:
+                os.kill(p.process.pid, signal.SIGUSR1)
+
+    previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, forward_notice)
     try:
         procs = start_ranks(plan, spec_file, run_dir, resume)
         return monitor(procs)

@@ -58,6 +58,9 @@ class SingleProcess:
     def sync_group(self):
         return None
 
+    def any(self, flag: bool) -> bool:
+        return flag
+
 
 class Distributed:
     """Roles on ranks. torch's default group is this process's role (rlhf/dist.py); exchanges
@@ -116,6 +119,10 @@ class Distributed:
 
     def barrier(self) -> None:
         self.everyone.barrier()
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when it is true on any (signals reach ranks at different times)."""
+        return self.everyone.any(flag)
 
     def is_role_leader(self, role: str) -> bool:
         return self.topo.ranks_of(role)[0] == self.rank

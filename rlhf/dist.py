@@ -136,6 +136,13 @@ class PeerGroup:
         token = torch.zeros(1, device=self.device)
         self.pg.allreduce([token]).wait()
 
+    def any(self, flag: bool) -> bool:
+        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = dist.ReduceOp.MAX
+        self.pg.allreduce([value], opts).wait()
+        return bool(value.item())
+
     def broadcast_object(self, obj, src: int):
         """A small Python object (metrics, a path); not for the hot path."""
         import pickle
@@ -211,9 +218,11 @@ def fail_fast(watchdog: Watchdog | None, exc: BaseException) -> None:
     A communication error usually means that a peer died: the watchdog then gets a moment
     to find which one stopped beating, so that the message names it rather than this rank."""
     traceback.print_exc()
+    if watchdog is not None and _is_peer_failure(exc):
+        time.sleep(STALE_AFTER_S + 3 * HEARTBEAT_S)  # the watchdog exits first if it finds the dead peer
+    where = watchdog.topo.describe(watchdog.topo.rank) if watchdog is not None else "this rank"
+    print(f"rlhf: {where} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
     if watchdog is not None:
-        if _is_peer_failure(exc):
-            time.sleep(STALE_AFTER_S + 3 * HEARTBEAT_S)  # the watchdog exits first if it finds the dead peer
         watchdog.report_failure(exc)
     sys.stderr.flush()
     os._exit(1)

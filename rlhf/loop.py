@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf.checkpoint import resolve_resume, save_checkpoint, supersede_later
+from rlhf.checkpoint import request_requeue, resolve_resume, save_checkpoint, supersede_later
 from rlhf.cluster import SingleProcess
 from rlhf.config import JobSpec
 from rlhf.data import PromptMix, load_tokenizer, render_prompts
@@ -206,8 +206,11 @@ class PPOLoop:
         return final
 
 
-def run(spec: JobSpec, run_dir: Path, resume: str | None = None, quiet: bool = False, cluster=None, device=None) -> list[dict]:
-    """Train to train_config.max_train_step; returns (on global rank 0) the metrics of the steps run here."""
+def run(spec: JobSpec, run_dir: Path, resume: str | None = None, quiet: bool = False, cluster=None, device=None, notice=None) -> list[dict]:
+    """Train to train_config.max_train_step; returns (on global rank 0) the metrics of the steps run here.
+
+    With a PreemptionNotice that fires, the run stops after the current step with a checkpoint
+    and a requeue request (rlhf/preemption.py)."""
     cluster = cluster or SingleProcess()
     leader = cluster.is_leader
     if leader:
@@ -234,8 +237,16 @@ def run(spec: JobSpec, run_dir: Path, resume: str | None = None, quiet: bool = F
                 if printer:
                     printer.update(step, metrics)
             interval = spec.train_config.save_interval
-            if (interval and step % interval == 0) or step == total:
+            saved = (interval and step % interval == 0) or step == total
+            if saved:
                 loop.save(step)
+            if notice is not None and step < total and cluster.any(notice.requested):
+                if not saved:
+                    loop.save(step)
+                if leader:
+                    request_requeue(run_dir)
+                    write_status(run_dir, state="preempted", step=step, max_train_step=total)
+                return history
             if leader:
                 write_status(run_dir, state="running", step=step, max_train_step=total)
         loop.export()

@@ -26,6 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spec", required=True, help="the run's resolved spec (RUN_DIR/spec.yaml)")
     p.add_argument("--resume", default=None, help="auto, or a checkpoint folder")
     args = p.parse_args(argv)
+    # First thing: a notice that arrives while torch is still importing must not kill the rank.
+    from rlhf.preemption import PreemptionNotice
+
+    notice = PreemptionNotice()
 
     from launcher.spec import load_spec
     from rlhf.dist import RendezvousError, Topology, Watchdog, fail_fast, rendezvous
@@ -57,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     watchdog = Watchdog(store, topo)
     try:
         cluster = Distributed(topo, device, store)
-        run(spec, run_dir, args.resume, cluster=cluster, device=device)
+        run(spec, run_dir, args.resume, cluster=cluster, device=device, notice=notice)
         cluster.barrier()
     except BaseException as exc:  # noqa: BLE001 - every failure must reach the other ranks
         fail_fast(watchdog, exc)

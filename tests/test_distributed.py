@@ -114,3 +114,62 @@ def test_rendezvous_timeout_names_the_missing_ranks(tiny_models, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "rlhf.worker", "--spec", str(tmp_path / "spec.yaml")], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 3
     assert "never arrived: critic rank 0 (global rank 1), reference rank 0 (global rank 2), reward rank 0 (global rank 3)" in proc.stderr
+
+
+ZERO3_SHARED = [
+    "slurm.gpus_per_node=4",
+    "rollout_config.actor_micro_bs=16",
+    "model_configs.actor.trainer_config.parallel.data={size: 2, mode: deepspeed}",
+    "model_configs.critic.trainer_config.parallel.data={size: 2, mode: deepspeed}",
+    "model_configs.actor.trainer_config.deepspeed_config={zero_optimization: {stage: 3}}",
+    "model_configs.critic.trainer_config.deepspeed_config={zero_optimization: {stage: 3}}",
+    "train_config.save_interval=2",
+]
+
+
+@pytest.mark.slow
+def test_zero3_shared_generator_resumes_exactly(tiny_models, tmp_path):
+    """Generation from gathered ZeRO-3 parameters, DeepSpeed checkpoints, and --resume."""
+    straight = launch(tmp_path, [*ZERO3_SHARED, "train_config.max_train_step=4"], name="straight")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    first = launch(tmp_path, [*ZERO3_SHARED, "train_config.max_train_step=2"], name="resumed")
+    assert first.returncode == 0, first.stderr[-3000:]
+    args = [sys.executable, "-m", "launcher.cli", str(TINY), "--local", "--output-dir", str(tmp_path), "--resume"]
+    for s in [*ZERO3_SHARED, "train_config.max_train_step=4", "run.name=resumed"]:
+        args += ["--set", s]
+    second = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert second.returncode == 0, second.stderr[-3000:]
+    a, b = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b, strict=True):
+        for key in COMPARED:
+            assert x[key] == pytest.approx(y[key], abs=1e-6), (x["step"], key)
+
+
+@pytest.mark.slow
+def test_preemption_notice_checkpoints_and_resume_finishes(tiny_models, tmp_path):
+    """SIGUSR1 (what the sbatch script forwards before a time limit) -> checkpoint after the
+    current step, a requeue request, exit 0; --resume then finishes the run."""
+    sets = ["train_config.max_train_step=200", "train_config.save_interval=0"]
+    args = [sys.executable, "-m", "launcher.cli", str(TINY), "--local", "--output-dir", str(tmp_path)]
+    for s in sets:
+        args += ["--set", s]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    run_dir = tmp_path / "tiny_cpu"
+    deadline = time.monotonic() + 240
+    while not ((run_dir / "metrics.jsonl").exists() and len(read_metrics(run_dir)) >= 2):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()[1][-3000:] if proc.poll() is not None else "timeout"
+        time.sleep(0.3)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    import json
+
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "preempted" and status["step"] < 200
+    assert (run_dir / "checkpoints" / "requeue").exists()
+    assert (run_dir / "checkpoints" / f"step-{status['step']:08d}" / "COMPLETE").exists()
+    args[args.index("train_config.max_train_step=200")] = f"train_config.max_train_step={status['step'] + 2}"
+    done = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, status["step"] + 3))
