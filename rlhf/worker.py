@@ -14,7 +14,8 @@ from pathlib import Path
 
 
 def _configure_threads() -> None:
-    threads = os.environ.get("OMP_NUM_THREADS")
+    # Under Slurm a task gets --cpus-per-task cores: more threads than that only contend.
+    threads = os.environ.get("OMP_NUM_THREADS") or os.environ.get("SLURM_CPUS_PER_TASK")
     if threads:
         import torch
 

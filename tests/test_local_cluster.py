@@ -1,0 +1,191 @@
+"""A real Slurm cluster on localhost (slurm/local_cluster.sh): the things the launcher relies on.
+
+Heterogeneous jobs land one component per node with CUDA_VISIBLE_DEVICES set, the batch shell can be
+signalled, and a requeued hetjob runs again. The cluster is left running after the session: `up` is
+idempotent, so the next session starts in ~0.1 s; `bash slurm/local_cluster.sh down` stops it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "slurm" / "local_cluster.sh"
+NODES = {"n1", "n2", "n3", "n4"}
+FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+
+pytestmark = pytest.mark.slurm
+
+
+def _no_apt_reason() -> str | None:
+    """Why the cluster cannot be installed here, or None if it is installed or installable."""
+    if all(shutil.which(c) for c in ("slurmctld", "slurmd", "sbatch", "munged")):
+        return None
+    if os.geteuid() != 0:
+        return "Slurm is not installed and installing it needs root"
+    if not shutil.which("apt-get"):
+        return "Slurm is not installed and there is no apt-get"
+    return None
+
+
+@pytest.fixture(scope="session")
+def slurm_env() -> dict[str, str]:
+    """Environment for Slurm clients talking to the local cluster (started here if it is not up)."""
+    in_ci = bool(os.environ.get("CI"))
+    reason = _no_apt_reason()
+    if reason and not in_ci:
+        pytest.skip(reason)
+    if os.geteuid() != 0 and not in_ci:
+        pytest.skip("the local Slurm cluster runs its daemons as root")
+    proc = subprocess.run(["bash", str(SCRIPT), "up"], capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        message = f"local Slurm cluster did not come up (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr[-6000:]}"
+        # Without CI, a machine that cannot reach its package mirror may skip; everything else is a failure.
+        if not in_ci and "apt-get install failed" in proc.stderr:
+            pytest.skip("no apt access to install Slurm: " + proc.stderr.strip().splitlines()[-1])
+        pytest.fail(message)
+    match = re.search(r"^export SLURM_CONF=(\S+)$", proc.stdout, re.M)
+    assert match, proc.stdout
+    # Variables of an enclosing Slurm job (if pytest runs inside one) would leak into sbatch/srun.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))}
+    env["SLURM_CONF"] = match.group(1)
+    return env
+
+
+def _run(env: dict[str, str], *args: str) -> str:
+    proc = subprocess.run(list(args), env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, f"{args}: rc {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def _submit(env: dict[str, str], script: Path) -> str:
+    return _run(env, "sbatch", "--parsable", str(script)).strip().split(";")[0]
+
+
+def _job_states(env: dict[str, str], job: str) -> list[str]:
+    """States of all components of a (het)job: `scontrol show job -o` prints one line per component."""
+    out = _run(env, "scontrol", "show", "job", "-o", job)
+    return re.findall(r"\bJobState=(\S+)", out)
+
+
+def _wait_for(env: dict[str, str], job: str, state: str, timeout: float, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    states: list[str] = []
+    while time.monotonic() < deadline:
+        states = _job_states(env, job)
+        if states and all(s == state for s in states):
+            return
+        if FAILED_STATES & set(states):
+            break
+        time.sleep(0.3)
+    detail = log.read_text() if log and log.exists() else "(no output)"
+    pytest.fail(f"job {job}: states {states}, wanted {state} within {timeout}s\n{detail}")
+
+
+def _wait_for_text(path: Path, text: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text():
+            return
+        time.sleep(0.2)
+    pytest.fail(f"{text!r} not in {path} within {timeout}s:\n{path.read_text() if path.exists() else '(missing)'}")
+
+
+def _hetjob_header(out: Path, groups: int, extra: str = "") -> str:
+    one = "#SBATCH --nodes=1 --ntasks-per-node=2 --gpus-per-node=2"
+    components = "\n#SBATCH hetjob\n".join([one] * groups)
+    return f"#!/bin/bash\n#SBATCH --job-name=rlhf-local-test\n#SBATCH --output={out}\n{extra}{components}\n"
+
+
+def test_four_idle_nodes_with_two_gpus_each(slurm_env):
+    deadline = time.monotonic() + 20  # jobs of an earlier test may still be completing
+    while True:
+        rows = [line.split() for line in _run(slurm_env, "sinfo", "-h", "-N", "-o", "%N %t %G").splitlines()]
+        nodes = {r[0]: (r[1], r[2]) for r in rows}
+        if set(nodes) == NODES and all(state == "idle" for state, _ in nodes.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert set(nodes) == NODES, rows
+    assert all(state == "idle" for state, _ in nodes.values()), rows
+    assert all(gres.startswith("gpu:2") for _, gres in nodes.values()), rows
+
+
+def test_three_component_hetjob_runs_one_component_per_node(slurm_env, tmp_path):
+    out = tmp_path / "het.out"
+    script = tmp_path / "het.sbatch"
+    script.write_text(
+        _hetjob_header(out, 3)
+        + "echo HET_SIZE=$SLURM_HET_SIZE\n"
+        + "for g in 0 1 2; do v=SLURM_JOB_NODELIST_HET_GROUP_$g; echo GROUP $g ${!v}; done\n"
+        # No variable tells a task its het group: pass it on the command line.
+        + "for g in 0 1 2; do\n"
+        + '  srun --het-group=$g bash -c "echo STEP $g \\$SLURMD_NODENAME \\$SLURM_PROCID \\$CUDA_VISIBLE_DEVICES" &\n'
+        + "done\nwait\necho DONE\n"
+    )
+    job = _submit(slurm_env, script)
+    _wait_for(slurm_env, job, "COMPLETED", timeout=60, log=out)
+    _wait_for_text(out, "DONE", timeout=5)
+    text = out.read_text()
+    assert "HET_SIZE=3" in text, text
+    groups = dict(re.findall(r"^GROUP (\d) (\S+)$", text, re.M))
+    assert set(groups) == {"0", "1", "2"}, text
+    assert len(set(groups.values())) == 3 and set(groups.values()) <= NODES, text
+    steps = re.findall(r"^STEP (\d) (\S+) (\d) (\S*)$", text, re.M)
+    assert len(steps) == 6, text
+    for group, node, _rank, devices in steps:
+        assert node == groups[group], text
+        assert devices == "0,1", text  # 2 GPUs per node, both given to the component
+
+
+def test_usr1_to_the_batch_shell_reaches_its_trap(slurm_env, tmp_path):
+    out = tmp_path / "sig.out"
+    script = tmp_path / "sig.sbatch"
+    script.write_text(
+        _hetjob_header(out, 2)
+        + "trap 'echo GOT_USR1; exit 0' USR1\n"
+        + "echo READY\n"
+        # A foreground `sleep` would delay the trap until it ends: wait on it instead.
+        + "for i in $(seq 120); do sleep 1 & wait $!; done\necho NO_SIGNAL\n"
+    )
+    job = _submit(slurm_env, script)
+    try:
+        _wait_for(slurm_env, job, "RUNNING", timeout=60, log=out)
+        _wait_for_text(out, "READY", timeout=15)  # the trap is set before READY is printed
+        _run(slurm_env, "scancel", "--signal=USR1", "--batch", job)
+        _wait_for(slurm_env, job, "COMPLETED", timeout=30, log=out)
+        assert "GOT_USR1" in out.read_text()
+    finally:
+        subprocess.run(["scancel", job], env=slurm_env, capture_output=True)
+
+
+def test_requeued_hetjob_runs_again(slurm_env, tmp_path):
+    out = tmp_path / "requeue.out"
+    script = tmp_path / "requeue.sbatch"
+    script.write_text(
+        _hetjob_header(out, 2, extra="#SBATCH --requeue\n#SBATCH --open-mode=append\n")
+        + "echo RUN ${SLURM_RESTART_COUNT:-0}\n"
+        + 'if [ "${SLURM_RESTART_COUNT:-0}" = 0 ]; then for i in $(seq 120); do sleep 1 & wait $!; done; fi\n'
+        + "echo END ${SLURM_RESTART_COUNT:-0}\n"
+    )
+    job = _submit(slurm_env, script)
+    try:
+        _wait_for(slurm_env, job, "RUNNING", timeout=60, log=out)
+        _wait_for_text(out, "RUN 0", timeout=15)
+        _run(slurm_env, "scontrol", "requeue", job)
+        # A requeued job is held cred_expire+1 s (11 s here), and a hetjob then may wait ~15 s more for
+        # backfill. Resetting StartTime once every component is PENDING restarts it in ~1 s; sent
+        # earlier, the leader (requeued last) keeps its hold.
+        _wait_for(slurm_env, job, "PENDING", timeout=20, log=out)
+        _run(slurm_env, "scontrol", "update", f"jobid={job}", "StartTime=now")
+        _wait_for(slurm_env, job, "COMPLETED", timeout=60, log=out)
+        _wait_for_text(out, "END 1", timeout=5)
+        assert "END 0" not in out.read_text()
+    finally:
+        subprocess.run(["scancel", job], env=slurm_env, capture_output=True)

@@ -1,0 +1,123 @@
+"""End to end on the project's local Slurm cluster (slurm/local_cluster.sh): real
+heterogeneous jobs running the distributed PPO loop."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from launcher.spec import load_spec
+from rlhf.loop import run_local
+from rlhf.metrics import read_metrics
+from tests.conftest import ROOT
+
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+TINY = ROOT / "specs" / "tiny_cpu.yaml"
+# a separate generator makes three components: trainer, inference, generator
+THREE_GROUPS = ["model_configs.actor.generator_config={shared_with_trainer: false, generator_type: hf}", "train_config.save_interval=2"]
+COMPARED = ["reward_mean", "kl", "policy_loss", "value_loss", "entropy"]
+
+
+@pytest.fixture(scope="session")
+def slurm_env():
+    up = subprocess.run(["bash", str(ROOT / "slurm" / "local_cluster.sh"), "up"], capture_output=True, text=True, timeout=600)
+    if up.returncode != 0:
+        message = f"the local Slurm cluster did not come up:\n{up.stdout[-2000:]}\n{up.stderr[-2000:]}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    line = subprocess.run(["bash", str(ROOT / "slurm" / "local_cluster.sh"), "env"], capture_output=True, text=True, check=True).stdout
+    conf = re.search(r"SLURM_CONF=(\S+)", line).group(1)
+    return {**os.environ, "SLURM_CONF": conf}
+
+
+def submit(env, out_dir, sets, name, resume=False):
+    args = [sys.executable, "-m", "launcher.cli", str(TINY), "--partition", "debug", "--output-dir", str(out_dir), "--set", f"run.name={name}"]
+    for s in sets:
+        args += ["--set", s]
+    if resume:
+        args.append("--resume")
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return re.search(r"submitted job (\d+)", proc.stdout).group(1)
+
+
+def job_states(env, job_id) -> list[dict]:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, env=env).stdout
+    return [dict(re.findall(r"(\w+)=(\S*)", line)) for line in out.splitlines()]
+
+
+def wait_for_end(env, job_id, timeout=420, nudge=True) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = job_states(env, job_id)
+        if states and all(s["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY") for s in states):
+            return states
+        if nudge and states and states[0]["JobState"] == "PENDING":
+            # A requeued hetjob waits for the backfill scheduler; ask it to start now.
+            subprocess.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], capture_output=True, env=env)
+        time.sleep(2)
+    pytest.fail(f"job {job_id} did not end within {timeout} s: {job_states(env, job_id)}")
+
+
+def without_timing(rows):
+    return [{k: r[k] for k in COMPARED} | {"step": r["step"]} for r in rows]
+
+
+def test_three_component_hetjob_trains(tiny_models, slurm_env, tmp_path):
+    job = submit(slurm_env, tmp_path, [*THREE_GROUPS, "train_config.max_train_step=3"], "het")
+    states = wait_for_end(slurm_env, job)
+    assert [s["JobState"] for s in states] == ["COMPLETED"] * 3, states
+    assert len({s["NodeList"] for s in states}) == 3, "components on different logical nodes"
+    rows = read_metrics(tmp_path / "het")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    single = run_local(load_spec(TINY, [*THREE_GROUPS, "train_config.max_train_step=3"]).spec, tmp_path / "single", quiet=True)
+    for a, b in zip(rows, single, strict=True):
+        for key in COMPARED:
+            assert a[key] == pytest.approx(b[key], abs=1e-5)
+    status = subprocess.run([sys.executable, "-m", "launcher.cli", "status", str(tmp_path / "het")], capture_output=True, text=True, env=slurm_env).stdout
+    assert "trainer" in status and "COMPLETED" in status and "training: completed at step 3/3" in status
+
+
+def test_signalled_job_checkpoints_requeues_and_finishes_like_an_uninterrupted_one(tiny_models, slurm_env, tmp_path):
+    sets = [*THREE_GROUPS, "train_config.max_train_step=10", "train_config.save_interval=0"]
+    job = submit(slurm_env, tmp_path, sets, "preempted")
+    run_dir = tmp_path / "preempted"
+    deadline = time.monotonic() + 300
+    while not ((run_dir / "metrics.jsonl").exists() and len(read_metrics(run_dir)) >= 2):
+        assert time.monotonic() < deadline, job_states(slurm_env, job)
+        time.sleep(1)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, env=slurm_env)
+    states = wait_for_end(slurm_env, job, timeout=600)
+    assert all(s["JobState"] == "COMPLETED" for s in states), states
+    assert int(states[0].get("Restarts", "0")) >= 1, "the job requeued itself"
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, 11))
+    single = run_local(load_spec(TINY, sets).spec, tmp_path / "single", quiet=True)
+    for a, b in zip(rows, single, strict=True):
+        for key in COMPARED:
+            assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
+
+
+def test_a_crashing_role_fails_the_job_and_status_names_it(tiny_models, slurm_env, tmp_path):
+    job = submit(slurm_env, tmp_path, [*THREE_GROUPS, "train_config.max_train_step=3", "model_configs.reward.model_path=/nonexistent/reward"], "crash")
+    states = wait_for_end(slurm_env, job, timeout=300)
+    assert states[0]["JobState"] in ("FAILED", "CANCELLED"), states
+    status = subprocess.run([sys.executable, "-m", "launcher.cli", "status", str(tmp_path / "crash")], capture_output=True, text=True, env=slurm_env).stdout
+    assert "reward rank 0" in status and "failed" in status, status
+
+
+def test_resume_of_a_completed_run_continues_to_more_steps(tiny_models, slurm_env, tmp_path):
+    job = submit(slurm_env, tmp_path, [*THREE_GROUPS, "train_config.max_train_step=2"], "more")
+    wait_for_end(slurm_env, job)
+    job2 = submit(slurm_env, tmp_path, [*THREE_GROUPS, "train_config.max_train_step=4"], "more", resume=True)
+    states = wait_for_end(slurm_env, job2)
+    assert all(s["JobState"] == "COMPLETED" for s in states), states
+    assert [r["step"] for r in read_metrics(tmp_path / "more")] == [1, 2, 3, 4]
+    assert json.loads((tmp_path / "more" / "status.json").read_text())["state"] == "completed"
