@@ -114,9 +114,24 @@ def main_spec(argv: Sequence[str]) -> int:
             print(plan_table(loaded.plan, loaded.spec.slurm.gpu_memory_gb))
             print(script, end="")
         return 0
+    missing = runtime_gaps(loaded.spec)
+    if missing:
+        print(f"rlhf-launch: {missing}", file=sys.stderr)
+        return EXIT_BAD_SPEC
     if args.local:
         return run_here(loaded, Path(files.run_dir), args.resume)
     return submit_here(loaded, files, args.resume)
+
+
+def runtime_gaps(spec) -> str | None:
+    """What a valid spec asks for that this version cannot run yet (a plan and script it can show)."""
+    gen = spec.model_configs.actor.generator_config
+    if not gen.shared_with_trainer and gen.generator_type == "vllm":
+        return (
+            "model_configs.actor.generator_config.generator_type: 'vllm' is not supported yet by the runtime "
+            "(--dry-run shows its plan); use generator_type: hf for a separate generator group"
+        )
+    return None
 
 
 def submit_here(loaded, files, resume: str | None) -> int:

@@ -74,6 +74,8 @@ class PPOLoop:
         self.prompts = PromptMix(spec.dataset_config) if c.runs("generator") else None
         self.actor = ActorRole(spec, self.device, self.sampling, self.timer, c) if c.runs("actor") else None
         if self.separate_generator:
+            if spec.model_configs.actor.generator_config.generator_type != "hf":
+                raise NotImplementedError("generator_type 'vllm' is not supported yet; use generator_type: hf")
             self.generator = HFGeneratorRole(spec, self.device, self.sampling) if c.runs("generator") else None
         else:
             self.generator = self.actor

@@ -83,3 +83,8 @@ def test_dry_run_imports_no_heavy_library(spec):
 
 def test_schema_check_command():
     assert main(["schema", "--check"]) == 0
+
+
+def test_runtime_refuses_what_it_cannot_run_yet(capsys):
+    assert main([VLLM, "--local"]) == 2
+    assert "'vllm' is not supported yet" in capsys.readouterr().err

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import textwrap
 import time
 from pathlib import Path
 
@@ -185,4 +184,3 @@ def test_requeued_job_resumes_automatically(stub_env):
 def test_script_is_valid_bash():
     for name in SEED_SPECS:
         subprocess.run(["bash", "-n"], input=rendered(name), text=True, check=True)
-    assert textwrap.dedent("x") == "x"

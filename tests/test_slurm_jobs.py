@@ -121,3 +121,16 @@ def test_resume_of_a_completed_run_continues_to_more_steps(tiny_models, slurm_en
     assert all(s["JobState"] == "COMPLETED" for s in states), states
     assert [r["step"] for r in read_metrics(tmp_path / "more")] == [1, 2, 3, 4]
     assert json.loads((tmp_path / "more" / "status.json").read_text())["state"] == "completed"
+
+
+def test_cancel_stops_a_running_job(tiny_models, slurm_env, tmp_path):
+    job = submit(slurm_env, tmp_path, ["train_config.max_train_step=500"], "cancelled")
+    run_dir = tmp_path / "cancelled"
+    deadline = time.monotonic() + 300
+    while not (run_dir / "metrics.jsonl").exists() or not read_metrics(run_dir):
+        assert time.monotonic() < deadline, job_states(slurm_env, job)
+        time.sleep(1)
+    out = subprocess.run([sys.executable, "-m", "launcher.cli", "cancel", str(run_dir)], capture_output=True, text=True, env=slurm_env)
+    assert out.returncode == 0 and f"cancelled job {job}" in out.stdout, out.stderr
+    states = wait_for_end(slurm_env, job, timeout=120, nudge=False)
+    assert all(s["JobState"] == "CANCELLED" for s in states), states

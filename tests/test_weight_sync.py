@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import datetime
-import os
 import socket
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -59,5 +57,3 @@ def test_generator_receives_exactly_the_actor_weights(tmp_path):
     for key, value in sender["state"].items():
         assert torch.equal(value, receiver["state"][key]), key
     assert not torch.equal(model(0).state_dict()["0.weight"], model(1).state_dict()["0.weight"])
-    assert os.path.exists(out + ".receiver")
-    pytest.importorskip("torch")
