@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from launcher.problems import Problem, error, warning
-from rlhf.config import ROLES, JobSpec, ModelConfig, Parallel
+from rlhf.config import JobSpec, ModelConfig, Parallel
 from rlhf.data_sources import parse_source
 
 TRAINED = ("actor", "critic")
@@ -243,11 +243,12 @@ def warm_up_leaves_ppo_steps(spec: JobSpec) -> Iterator[Problem]:
         yield warning("train_config.pretrain_step", f"{tc.pretrain_step} >= max_train_step ({tc.max_train_step}): the actor is never trained")
 
 
-def local_path_problems(spec: JobSpec, is_local: Callable[[str], bool]) -> Iterator[Problem]:
-    """Local model folders that do not exist (warnings: the spec may be written before they are)."""
+def local_path_problems(spec: JobSpec) -> Iterator[Problem]:
+    """Local model folders that do not exist (warnings: the spec may be written before they are).
+    Runs on a resolved spec, where every local path is absolute."""
     models: dict[str, ModelConfig] = spec.model_configs.roles()
     for role, model in models.items():
-        if model.model_path and is_local(model.model_path) and not Path(model.model_path).expanduser().exists():
+        if model.model_path and Path(model.model_path).is_absolute() and not Path(model.model_path).exists():
             yield warning(f"{_model(role)}.model_path", f"local folder {model.model_path} does not exist (yet)")
 
 
@@ -263,5 +264,3 @@ def run_checks(spec: JobSpec, tolerate_type_errors: bool) -> list[Problem]:
                 raise
     return problems
 
-
-__all__ = ["CHECKS", "ROLES", "run_checks", "micro_batch", "minibatch", "local_path_problems"]

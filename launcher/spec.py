@@ -29,9 +29,6 @@ class LoadedSpec:
     source: str
     warnings: list[Problem]
 
-    def resolved_dict(self) -> dict[str, Any]:
-        return self.spec.to_dict()
-
 
 def load_spec(path: str | Path, overrides: Iterable[str] = (), settings: dict[str, Any] | None = None) -> LoadedSpec:
     """Read, override, validate and resolve a spec file.
@@ -83,7 +80,7 @@ def validate(
     plan = None
     if not any(p.severity == "error" for p in problems + found):
         _resolve(spec, base_dir)
-        found += list(checks.local_path_problems(spec, _is_local_marker))
+        found += list(checks.local_path_problems(spec))
         plan = build_plan(spec)
         found += plan.problems
     problems += [_locate(p, lines, overridden) for p in found]
@@ -136,10 +133,6 @@ def _locate(problem: Problem, lines: dict, overridden: set[str]) -> Problem:
 
 
 # --------------------------------------------------------------------------- resolving
-def _is_local_marker(path: str) -> bool:
-    return Path(path).is_absolute()
-
-
 def _resolve_path(value: str, base_dir: Path) -> str:
     """Local paths become absolute (relative ones are relative to the spec file); ids stay."""
     if value.startswith("~"):

@@ -90,14 +90,6 @@ class ValueModule(torch.nn.Module):
         return self.model.score(hidden[:, -response_len - 1 : -1]).squeeze(-1).float()
 
 
-def response_logits(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, response_len: int, temperature: float) -> Tensor:
-    return PolicyModule(model)(input_ids, attention_mask, response_len, temperature)
-
-
-def token_values(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, response_len: int) -> Tensor:
-    return ValueModule(model)(input_ids, attention_mask, response_len)
-
-
 def sequence_scores(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """The reward model's score of each whole sequence, [B], read at its last attended token."""
     hidden = model.base_model(

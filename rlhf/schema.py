@@ -194,13 +194,3 @@ def iter_keys(cls: type = config.JobSpec, prefix: str = "") -> Iterator[KeyDoc]:
         inner, _ = _unwrap_optional(tp)
         if dataclasses.is_dataclass(inner):
             yield from iter_keys(inner, path + ".")
-
-
-def allowed_keys(path: tuple[str | int, ...]) -> list[str]:
-    """The keys a mapping at ``path`` may have (for 'did you mean' suggestions)."""
-    cls: Any = config.JobSpec
-    for part in path:
-        if not dataclasses.is_dataclass(cls) or part not in hints(cls):
-            return []
-        cls, _ = _unwrap_optional(hints(cls)[part])
-    return [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []

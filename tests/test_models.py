@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rlhf import ppo
-from rlhf.models import load_causal_lm, load_value_model, response_logits, sequence_scores, token_values
+from rlhf.models import PolicyModule, ValueModule, load_causal_lm, load_value_model, sequence_scores
 
 torch.set_num_threads(1)
 
@@ -37,7 +37,7 @@ def test_logprob_of_each_response_token_given_its_own_prefix(models, temperature
     actor, _ = models
     input_ids, attention_mask, response_ids, response_mask = left_padded_batch(PROMPTS, RESPONSES, pad=0)
     with torch.no_grad():
-        logits = response_logits(actor, input_ids, attention_mask, response_ids.shape[1], temperature)
+        logits = PolicyModule(actor)(input_ids, attention_mask, response_ids.shape[1], temperature)
         batched = ppo.logprobs_from_logits(logits, response_ids)
     for b, (prompt, response) in enumerate(zip(PROMPTS, RESPONSES, strict=False)):
         for t, token in enumerate(response):
@@ -52,7 +52,7 @@ def test_value_of_each_response_token_is_that_of_its_prefix(models):
     _, critic = models
     input_ids, attention_mask, response_ids, _ = left_padded_batch(PROMPTS, RESPONSES, pad=0)
     with torch.no_grad():
-        values = token_values(critic, input_ids, attention_mask, response_ids.shape[1])
+        values = ValueModule(critic)(input_ids, attention_mask, response_ids.shape[1])
     for b, (prompt, response) in enumerate(zip(PROMPTS, RESPONSES, strict=False)):
         for t in range(len(response)):
             prefix = torch.tensor([prompt + response[:t]])

@@ -56,9 +56,3 @@ def test_schema_defaults_equal_dataclass_defaults():
     props = s["$defs"]["RepeaterConfig"]["properties"]
     for f in dataclasses.fields(config.RepeaterConfig):
         assert props[f.name]["default"] == f.default
-
-
-def test_allowed_keys_follow_the_dataclasses():
-    assert "kl_coeff" in schema.allowed_keys(("repeater_config",))
-    assert "generator_config" in schema.allowed_keys(("model_configs", "actor"))
-    assert "generator_config" not in schema.allowed_keys(("model_configs", "critic"))
