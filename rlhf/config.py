@@ -218,7 +218,8 @@ class GeneratorConfig:
     )
     parallel: Parallel = section(Parallel, "Layout of a separate generator: data = engines, tensor = GPUs per engine.")
     gpu_memory_utilization: float = option(
-        0.9, "vLLM only: fraction of each GPU an engine may use for weights and KV cache.",
+        0.9, "vLLM only: fraction of each GPU an engine may use for weights and KV cache "
+        "(on CPU the KV cache is sized to the engine's share of the rollout batch instead).",
         exclusiveMinimum=0, maximum=1,
     )
 

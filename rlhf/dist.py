@@ -63,6 +63,18 @@ class Topology:
     def runs(self, role: str) -> bool:
         return self.rank in self.ranks_of(role)
 
+    def default_group_ranks(self) -> list[int]:
+        """The global ranks of this process's torch default group: its role's data-parallel ranks,
+        or for a separate generator its engine's ranks (engines of different replicas are
+        independent, and vLLM takes the default group to be one engine's world)."""
+        role = self.plan.role(self.role)
+        ranks = list(role.ranks)
+        if self.role != "generator":
+            return ranks
+        per_engine = len(ranks) // role.data
+        first = ranks.index(self.rank) // per_engine * per_engine
+        return ranks[first : first + per_engine]
+
     def index_in(self, role: str) -> int:
         return self.ranks_of(role).index(self.rank)
 
@@ -78,10 +90,11 @@ def backend_for(device: torch.device) -> str:
 def rendezvous(topo: Topology, device: torch.device, timeout_s: float) -> dist.TCPStore:
     """Meet every rank at MASTER_ADDR:MASTER_PORT, or fail naming the ranks that never came.
 
-    Then torch's default process group becomes this process's ROLE (its data-parallel ranks):
-    libraries such as DeepSpeed take the default group to be their whole world and issue
-    group-less barriers and collectives on it. Exchanges between roles run on PeerGroups
-    built on the same store: ``global`` over every rank, and one per exchange.
+    Then torch's default process group becomes this process's ROLE (its data-parallel ranks),
+    or for a generator rank its engine's ranks: libraries such as DeepSpeed and vLLM take the
+    default group to be their whole world and issue group-less barriers and collectives on it.
+    Exchanges between roles run on PeerGroups built on the same store: ``global`` over every
+    rank, and one per exchange.
     """
     host, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500"))
     timeout = datetime.timedelta(seconds=timeout_s)
@@ -99,10 +112,10 @@ def rendezvous(topo: Topology, device: torch.device, timeout_s: float) -> dist.T
             names = ", ".join(topo.describe(r) for r in missing)
             raise RendezvousError(f"rendezvous timed out after {timeout_s:.0f} s at {host}:{port}; never arrived: {names}")
         time.sleep(0.2)
-    role_ranks = list(topo.plan.role(topo.role).ranks)
+    ranks = topo.default_group_ranks()
     dist.init_process_group(
-        backend_for(device), store=dist.PrefixStore(f"rlhf/role/{topo.role}", store),
-        rank=role_ranks.index(topo.rank), world_size=len(role_ranks), timeout=max(timeout, datetime.timedelta(minutes=10)),
+        backend_for(device), store=dist.PrefixStore(f"rlhf/role/{topo.role}/{ranks[0]}", store),
+        rank=ranks.index(topo.rank), world_size=len(ranks), timeout=max(timeout, datetime.timedelta(minutes=10)),
     )
     return store
 

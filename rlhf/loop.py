@@ -74,9 +74,7 @@ class PPOLoop:
         self.prompts = PromptMix(spec.dataset_config) if c.runs("generator") else None
         self.actor = ActorRole(spec, self.device, self.sampling, self.timer, c) if c.runs("actor") else None
         if self.separate_generator:
-            if spec.model_configs.actor.generator_config.generator_type != "hf":
-                raise NotImplementedError("generator_type 'vllm' is not supported yet; use generator_type: hf")
-            self.generator = HFGeneratorRole(spec, self.device, self.sampling) if c.runs("generator") else None
+            self.generator = make_generator(spec, self.device, self.sampling) if c.runs("generator") else None
         else:
             self.generator = self.actor
         self.reference = ReferenceRole(spec, self.device, self.sampling.temperature) if c.runs("reference") else None
@@ -93,13 +91,14 @@ class PPOLoop:
     def _rollout(self, step: int):
         spec, c = self.spec, self.cluster
         local = None
-        if c.runs("generator") and c.is_replica_leader("generator"):
+        if c.runs("generator"):  # every rank of an engine takes part; its replica leader reports
             messages = self.prompts.batch(step - 1)
             encoded = render_prompts(self.tokenizer, messages, spec.dataset_config.max_seq_len, spec.tokenizer_config.chat_template)
             index, parts = c.shard_of("generator")
             start, stop = shard_bounds(len(messages), parts, index)
             prompts = {"prompt_ids": encoded["input_ids"][start:stop].to(self.device), "prompt_mask": encoded["attention_mask"][start:stop].to(self.device)}
             local = self.generator.generate(prompts, start, lambda row: step_seed(spec.run.seed, step, 1000 + row))
+            local = local if c.is_replica_leader("generator") else None
         return c.gather("generator", local, ROLLOUT_KEYS, pad={"response_ids": self.sampling.pad_id})
 
     def _from_role(self, role: str, runner, fn, rollout, key: str):
@@ -149,23 +148,20 @@ class PPOLoop:
         )
         return metrics
 
-    def _sync_weights(self) -> int:
+    def _sync_weights(self) -> None:
         c = self.cluster
-        if c.world_size == 1:  # both roles in this process: a plain copy
-            with torch.no_grad():
-                for target, source in zip(self.generator.model.parameters(), self.actor.model.parameters(), strict=True):
-                    target.copy_(source)
-            return 0
+        if c.world_size == 1:  # both roles in this process: handed over directly
+            with torch.no_grad(), self.actor.trainer.gathered():
+                self.generator.load(self.actor.model.named_parameters())
+            return
         src = c.ranks_of("actor")[0]
         group = c.sync_group()
         if self.actor is not None:
             with self.actor.trainer.gathered():
                 if c.rank == src:
-                    return send_weights(list(self.actor.model.named_parameters()), src, group, self.device)
-            return 0
-        if self.generator is not None:
-            return self.generator.receive(src, group)
-        return 0
+                    send_weights(list(self.actor.model.named_parameters()), src, group, self.device)
+        elif self.generator is not None:
+            self.generator.receive(src, group)
 
     # ------------------------------------------------------------------ state
     def save(self, step: int) -> None:
@@ -206,6 +202,15 @@ class PPOLoop:
             self.critic.save_pretrained(final / "critic", self.tokenizer, is_writer=c.is_role_leader("critic"))
         c.barrier()
         return final
+
+
+def make_generator(spec: JobSpec, device: torch.device, sampling: SamplingSettings):
+    """The engine of a separate generator group."""
+    if spec.model_configs.actor.generator_config.generator_type == "vllm":
+        from rlhf.roles.vllm_generator import VLLMGeneratorRole  # imports vLLM: only where it runs
+
+        return VLLMGeneratorRole(spec, device, sampling)
+    return HFGeneratorRole(spec, device, sampling)
 
 
 def run(spec: JobSpec, run_dir: Path, resume: str | None = None, quiet: bool = False, cluster=None, device=None, notice=None) -> list[dict]:

@@ -105,7 +105,13 @@ def hf_generate(
         ids, mask = prompt_ids[start : start + micro_bs], prompt_mask[start : start + micro_bs]
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
         chunks.append(out[:, ids.shape[1] :])
-    responses = pad_right(chunks, settings.pad_id)
+    return rollout_batch(prompt_ids, prompt_mask, chunks, settings)
+
+
+def rollout_batch(prompt_ids: Tensor, prompt_mask: Tensor, chunks: list[Tensor], settings: SamplingSettings) -> Batch:
+    """A rollout from generated tokens (``chunks``: [b, r] blocks of rows in prompt order, any
+    widths): padded right, masked after each first stop token, with ``finished`` set."""
+    responses = pad_right(chunks, settings.pad_id).to(prompt_ids.device)
     mask = response_mask(responses, settings.stop_ids)
     responses = responses.masked_fill(mask == 0, settings.pad_id)
     finished = torch.isin(responses, torch.tensor(settings.stop_ids, device=responses.device)).any(1)

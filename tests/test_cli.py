@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from launcher.cli import main
+from launcher.cli import local_gaps, main
+from launcher.spec import load_spec
 from tests.conftest import ROOT, SPECS
 
 VLLM = str(ROOT / "specs" / "llama2_7b_vllm.yaml")
@@ -85,6 +86,10 @@ def test_schema_check_command():
     assert main(["schema", "--check"]) == 0
 
 
-def test_runtime_refuses_what_it_cannot_run_yet(capsys):
-    assert main([VLLM, "--local"]) == 2
-    assert "'vllm' is not supported yet" in capsys.readouterr().err
+def test_local_run_of_a_vllm_generator_needs_vllm_installed():
+    spec = load_spec(VLLM).spec
+    assert local_gaps(spec, find_module=lambda name: object()) is None
+    problem = local_gaps(spec, find_module=lambda name: None)
+    assert "generator_type is 'vllm' but vLLM is not installed here" in problem and "generator_type: hf" in problem
+    spec.model_configs.actor.generator_config.generator_type = "hf"
+    assert local_gaps(spec, find_module=lambda name: None) is None

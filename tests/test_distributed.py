@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -63,6 +64,39 @@ def test_distributed_run_matches_one_process(tiny_models, tmp_path, layout):
             assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
     assert (tmp_path / "run" / "final" / "actor" / "model.safetensors").exists()
     assert (tmp_path / "run" / "checkpoints" / "step-00000003" / "COMPLETE").exists()
+
+
+@pytest.fixture
+def killed_engine_leftovers():
+    """Shared memory as a killed tensor-parallel vLLM engine on CPU leaves it, under vLLM's own
+    default name: the next engine must not trip over it."""
+    paths = [Path(f"/dev/shm/-tp:0-[0-1]-cpushm_{rank}") for rank in (0, 1)]
+    made = [p for p in paths if not p.exists()]
+    for p in made:
+        p.write_bytes(b"\0" * 4096)
+    yield
+    for p in made:
+        p.unlink(missing_ok=True)
+
+
+GREEDY = [*BASE, "rollout_config.generate_kwargs.do_sample=false"]
+GENERATOR = "model_configs.actor.generator_config={{shared_with_trainer: false, generator_type: {}, parallel: {{data: {{size: {}}}, tensor: {{size: {}}}}}}}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engines,tensor", [(1, 2), (2, 1)], ids=["one-engine-tensor-2", "two-engines"])
+def test_vllm_generator_group_trains_like_hf_generate(tiny_models, tmp_path, engines, tensor, killed_engine_leftovers):
+    """Greedy decoding makes the rollouts comparable: every step's responses come from engines
+    that received the actor's weights in memory, so any missed or wrong update shows up."""
+    proc = launch(tmp_path, [*GREEDY, GENERATOR.format("vllm", engines, tensor)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with_vllm = read_metrics(tmp_path / "run")
+    with_hf = run_local(load_spec(TINY, [*GREEDY, GENERATOR.format("hf", 1, 1)]).spec, tmp_path / "hf", quiet=True)
+    assert [r["step"] for r in with_vllm] == [1, 2, 3]
+    for a, b in zip(with_vllm, with_hf, strict=True):
+        for key in [*COMPARED, "response_len_mean"]:
+            assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
+    assert with_vllm[-1]["kl"] > 0  # the policy moved, and the engines generated from the moved policy
 
 
 @pytest.mark.slow

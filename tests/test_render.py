@@ -118,7 +118,8 @@ def test_script_runs_each_component_with_its_group_and_offset(stub_env):
     assert proc.returncode == 0, out
     for group, offset in ((0, 0), (1, 16), (2, 20)):
         args = (tmp_path / f"srun-{group}.args").read_text().splitlines()
-        assert f"--export=ALL,RLHF_HET_GROUP={group},RLHF_RANK_OFFSET={offset}" in args
+        assert f"--export=ALL,RLHF_HET_GROUP={group},RLHF_RANK_OFFSET={offset},OMP_NUM_THREADS=8" in args
+        assert "--cpus-per-task=8" in args  # srun does not inherit it from the allocation
         assert args[-4:] == ["-m", "rlhf.worker", "--spec", f"{run_dir}/spec.yaml"]
         environ = (tmp_path / f"srun-{group}.env").read_text()
         assert "MASTER_ADDR=node-a" in environ and "RLHF_WORLD_SIZE=22" in environ

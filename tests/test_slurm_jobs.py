@@ -37,8 +37,8 @@ def slurm_env():
     return {**os.environ, "SLURM_CONF": conf}
 
 
-def submit(env, out_dir, sets, name, resume=False):
-    args = [sys.executable, "-m", "launcher.cli", str(TINY), "--partition", "debug", "--output-dir", str(out_dir), "--set", f"run.name={name}"]
+def submit(env, out_dir, sets, name, resume=False, spec=TINY):
+    args = [sys.executable, "-m", "launcher.cli", str(spec), "--partition", "debug", "--output-dir", str(out_dir), "--set", f"run.name={name}"]
     for s in sets:
         args += ["--set", s]
     if resume:
@@ -83,6 +83,21 @@ def test_three_component_hetjob_trains(tiny_models, slurm_env, tmp_path):
             assert a[key] == pytest.approx(b[key], abs=1e-5)
     status = subprocess.run([sys.executable, "-m", "launcher.cli", "status", str(tmp_path / "het")], capture_output=True, text=True, env=slurm_env).stdout
     assert "trainer" in status and "COMPLETED" in status and "training: completed at step 3/3" in status
+
+
+def test_vllm_generator_group_on_its_own_node(tiny_models, slurm_env, tmp_path):
+    """specs/tiny_cpu_vllm.yaml as submitted: one vLLM engine over the generator component's two
+    ranks. Greedy decoding, so that its training equals a run with HF generate."""
+    greedy = ["train_config.max_train_step=3", "rollout_config.generate_kwargs.do_sample=false"]
+    job = submit(slurm_env, tmp_path, greedy, "vllm", spec=ROOT / "specs" / "tiny_cpu_vllm.yaml")
+    states = wait_for_end(slurm_env, job)
+    assert [s["JobState"] for s in states] == ["COMPLETED"] * 3, states
+    assert states[2]["NumTasks"] == "2"
+    hf = "model_configs.actor.generator_config={shared_with_trainer: false, generator_type: hf}"
+    single = run_local(load_spec(TINY, [*greedy, hf]).spec, tmp_path / "single", quiet=True)
+    for a, b in zip(read_metrics(tmp_path / "vllm"), single, strict=True):
+        for key in [*COMPARED, "response_len_mean"]:
+            assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
 
 
 def test_signalled_job_checkpoints_requeues_and_finishes_like_an_uninterrupted_one(tiny_models, slurm_env, tmp_path):

