@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from launcher.model_shape import local_config
 from launcher.problems import Problem, error, warning
 from rlhf.config import JobSpec, ModelConfig, Parallel
 from rlhf.data_sources import parse_source
@@ -250,6 +251,43 @@ def local_path_problems(spec: JobSpec) -> Iterator[Problem]:
     for role, model in models.items():
         if model.model_path and Path(model.model_path).is_absolute() and not Path(model.model_path).exists():
             yield warning(f"{_model(role)}.model_path", f"local folder {model.model_path} does not exist (yet)")
+
+
+# Head sizes that vLLM's CPU attention kernels exist for (vLLM 0.32).
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def vllm_model_problems(spec: JobSpec) -> Iterator[Problem]:
+    """What a vLLM engine would refuse at start-up, found from the actor's local config.json.
+    Runs on a resolved spec; says nothing when the model is not a local folder."""
+    gen = spec.model_configs.actor.generator_config
+    if gen.shared_with_trainer or gen.generator_type != "vllm":
+        return
+    cfg = local_config(spec.model_configs.actor.model_path)
+    if cfg is None or not isinstance(cfg.get("num_attention_heads"), int):
+        return
+    heads = cfg["num_attention_heads"]
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    tensor = gen.parallel.tensor.size
+    if heads % tensor or (kv_heads % tensor and tensor % kv_heads):
+        fits = [t for t in range(1, heads + 1) if heads % t == 0 and (kv_heads % t == 0 or t % kv_heads == 0)]
+        yield error(
+            f"{_model('actor')}.generator_config.parallel.tensor.size",
+            f"found {tensor}, but the actor has {heads} attention heads and {kv_heads} key/value heads, which vLLM "
+            f"shards over an engine's ranks; try {_nearest(fits, tensor)}",
+        )
+    head_dim = cfg.get("head_dim") or cfg.get("hidden_size", 0) // heads
+    if spec.run.device == "cpu" and head_dim not in VLLM_CPU_HEAD_SIZES:
+        yield error(
+            f"{_model('actor')}.model_path",
+            f"head size {head_dim}: vLLM's CPU attention supports {', '.join(map(str, VLLM_CPU_HEAD_SIZES))}; "
+            "use generator_type: hf on CPU for this model",
+        )
+
+
+def _nearest(options: list[int], value: int) -> str:
+    ranked = sorted(options, key=lambda o: (abs(o - value), o))[:2]
+    return " or ".join(map(str, sorted(ranked)))
 
 
 def run_checks(spec: JobSpec, tolerate_type_errors: bool) -> list[Problem]:

@@ -60,14 +60,26 @@ def shape_from_config(cfg: dict, source: str) -> ModelShape:
     return ModelShape(float(params), layers, hidden, kv_heads * head_dim, vocab, source)
 
 
+def local_config(model_path: str | None) -> dict | None:
+    """A local model folder's config.json (its text_config for multimodal models), or None."""
+    config_file = Path(model_path).expanduser() / "config.json" if model_path else None
+    if config_file is None or not config_file.is_file():
+        return None
+    try:
+        cfg = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return None
+    return cfg.get("text_config", cfg) if isinstance(cfg, dict) else None
+
+
 def model_shape(model_path: str | None, num_params_b: float | None) -> ModelShape | None:
     """The best available description of a model, or None when nothing is known."""
     if model_path:
-        config_file = Path(model_path).expanduser() / "config.json"
-        if config_file.is_file():
+        cfg = local_config(model_path)
+        if cfg is not None:
             try:
-                shape = shape_from_config(json.loads(config_file.read_text()), "config.json")
-            except (OSError, ValueError, KeyError, TypeError):
+                shape = shape_from_config(cfg, "config.json")
+            except (ValueError, KeyError, TypeError):
                 shape = None
             if shape is not None:
                 if num_params_b:

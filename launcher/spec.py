@@ -81,6 +81,7 @@ def validate(
     if not any(p.severity == "error" for p in problems + found):
         _resolve(spec, base_dir)
         found += list(checks.local_path_problems(spec))
+        found += list(checks.vllm_model_problems(spec))
         plan = build_plan(spec)
         found += plan.problems
     problems += [_locate(p, lines, overridden) for p in found]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -187,6 +188,35 @@ def test_generator_tensor_size_must_fit_a_node(tmp_path):
     gen = {"shared_with_trainer": False, "generator_type": "vllm", "parallel": {"tensor": {"size": 16}}}
     lines = errors(tmp_path, edit(model_configs__actor__generator_config=gen))
     assert any("tensor.size: found 16, expected at most slurm.gpus_per_node (8)" in line for line in lines)
+
+
+def vllm_actor(tmp_path, heads, kv_heads, head_dim, tensor, device="auto"):
+    folder = tmp_path / "actor"
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim, "hidden_size": heads * head_dim}))
+    gen = {"shared_with_trainer": False, "generator_type": "vllm", "parallel": {"tensor": {"size": tensor}}}
+    return edit(model_configs__actor__model_path="./actor", model_configs__actor__generator_config=gen, run={"device": device})
+
+
+@pytest.mark.parametrize("heads, kv_heads, tensor, fits", [(32, 32, 4, True), (32, 8, 8, True), (32, 2, 4, True), (32, 32, 3, False), (12, 12, 8, False), (32, 4, 6, False)])
+def test_vllm_tensor_size_must_shard_the_heads(tmp_path, heads, kv_heads, tensor, fits):
+    data = vllm_actor(tmp_path, heads, kv_heads, 128, tensor)
+    if fits:
+        load_spec(write(tmp_path, data))
+        return
+    (line,) = [x for x in errors(tmp_path, data) if "generator_config.parallel.tensor.size" in x]
+    assert f"found {tensor}, but the actor has {heads} attention heads and {kv_heads} key/value heads" in line
+
+
+def test_vllm_tensor_size_suggests_the_nearest_that_fit(tmp_path):
+    (line,) = [x for x in errors(tmp_path, vllm_actor(tmp_path, 32, 32, 128, 3)) if "tensor.size" in x]
+    assert line.endswith("try 2 or 4")
+
+
+def test_vllm_on_cpu_needs_a_head_size_it_has_kernels_for(tmp_path):
+    (line,) = errors(tmp_path, vllm_actor(tmp_path, 4, 4, 16, 1, device="cpu"))
+    assert "model_configs.actor.model_path: head size 16: vLLM's CPU attention supports 32, 64" in line
+    load_spec(write(tmp_path, vllm_actor(tmp_path, 4, 4, 16, 1, device="cuda")))  # GPU kernels take it
 
 
 def test_warnings_do_not_fail(tmp_path):
