@@ -43,11 +43,11 @@ LAYOUTS = {
 }
 
 
-def launch(tmp_path, sets, name="run"):
+def launch(tmp_path, sets, name="run", resume=False):
     args = [sys.executable, "-m", "launcher.cli", str(TINY), "--local", "--output-dir", str(tmp_path), "--set", f"run.name={name}"]
     for s in sets:
         args += ["--set", s]
-    return subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    return subprocess.run([*args, "--resume"] if resume else args, capture_output=True, text=True, timeout=600, cwd=ROOT)
 
 
 @pytest.mark.slow
@@ -97,6 +97,23 @@ def test_vllm_generator_group_trains_like_hf_generate(tiny_models, tmp_path, eng
         for key in [*COMPARED, "response_len_mean"]:
             assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
     assert with_vllm[-1]["kl"] > 0  # the policy moved, and the engines generated from the moved policy
+
+
+@pytest.mark.slow
+def test_vllm_generator_resumes_from_the_checkpoint_weights(tiny_models, tmp_path):
+    """After --resume the engines must generate from the checkpoint's policy, not the initial one."""
+    sets = [*GREEDY, GENERATOR.format("vllm", 1, 2), "train_config.save_interval=2"]
+    straight = launch(tmp_path, [*sets, "train_config.max_train_step=4"], name="straight")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    first = launch(tmp_path, [*sets, "train_config.max_train_step=2"], name="resumed")
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = launch(tmp_path, [*sets, "train_config.max_train_step=4"], name="resumed", resume=True)
+    assert second.returncode == 0, second.stderr[-3000:]
+    a, b = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b, strict=True):
+        for key in [*COMPARED, "response_len_mean"]:
+            assert x[key] == pytest.approx(y[key], abs=1e-6), (x["step"], key)
 
 
 @pytest.mark.slow
@@ -168,10 +185,7 @@ def test_zero3_shared_generator_resumes_exactly(tiny_models, tmp_path):
     assert straight.returncode == 0, straight.stderr[-3000:]
     first = launch(tmp_path, [*ZERO3_SHARED, "train_config.max_train_step=2"], name="resumed")
     assert first.returncode == 0, first.stderr[-3000:]
-    args = [sys.executable, "-m", "launcher.cli", str(TINY), "--local", "--output-dir", str(tmp_path), "--resume"]
-    for s in [*ZERO3_SHARED, "train_config.max_train_step=4", "run.name=resumed"]:
-        args += ["--set", s]
-    second = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    second = launch(tmp_path, [*ZERO3_SHARED, "train_config.max_train_step=4"], name="resumed", resume=True)
     assert second.returncode == 0, second.stderr[-3000:]
     a, b = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
     assert [r["step"] for r in b] == [1, 2, 3, 4]

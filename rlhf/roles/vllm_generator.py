@@ -14,6 +14,7 @@ vLLM fuses q/k/v and gate/up and takes each rank's shard itself.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable
 
@@ -35,6 +36,10 @@ class VLLMGeneratorRole:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         try:
             from vllm import LLM
+
+            # Token ids in and out, so no tokenizer: its chat-template warm-up then logs a traceback that
+            # is no error. A filter, because vLLM resets its loggers' levels when an engine starts.
+            logging.getLogger("vllm.renderers.base").addFilter(lambda record: not record.getMessage().startswith("Chat template warmup"))
         except ImportError as exc:
             raise RuntimeError(
                 "model_configs.actor.generator_config.generator_type is 'vllm' but vLLM cannot be imported "
