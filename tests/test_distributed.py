@@ -103,6 +103,11 @@ def test_vllm_generator_group_trains_like_hf_generate(tiny_models, tmp_path, eng
 def test_vllm_generator_resumes_from_the_checkpoint_weights(tiny_models, tmp_path):
     """After --resume the engines must generate from the checkpoint's policy, not the initial one."""
     sets = [*GREEDY, GENERATOR.format("vllm", 1, 2), "train_config.save_interval=2"]
+    assert_resumed_equals_straight(tmp_path, sets, [*COMPARED, "response_len_mean"])
+
+
+def assert_resumed_equals_straight(tmp_path, sets, keys):
+    """4 steps straight, and 2 steps then --resume to 4: the same metrics."""
     straight = launch(tmp_path, [*sets, "train_config.max_train_step=4"], name="straight")
     assert straight.returncode == 0, straight.stderr[-3000:]
     first = launch(tmp_path, [*sets, "train_config.max_train_step=2"], name="resumed")
@@ -112,7 +117,7 @@ def test_vllm_generator_resumes_from_the_checkpoint_weights(tiny_models, tmp_pat
     a, b = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     for x, y in zip(a, b, strict=True):
-        for key in [*COMPARED, "response_len_mean"]:
+        for key in keys:
             assert x[key] == pytest.approx(y[key], abs=1e-6), (x["step"], key)
 
 
@@ -181,17 +186,7 @@ ZERO3_SHARED = [
 @pytest.mark.slow
 def test_zero3_shared_generator_resumes_exactly(tiny_models, tmp_path):
     """Generation from gathered ZeRO-3 parameters, DeepSpeed checkpoints, and --resume."""
-    straight = launch(tmp_path, [*ZERO3_SHARED, "train_config.max_train_step=4"], name="straight")
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    first = launch(tmp_path, [*ZERO3_SHARED, "train_config.max_train_step=2"], name="resumed")
-    assert first.returncode == 0, first.stderr[-3000:]
-    second = launch(tmp_path, [*ZERO3_SHARED, "train_config.max_train_step=4"], name="resumed", resume=True)
-    assert second.returncode == 0, second.stderr[-3000:]
-    a, b = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
-    assert [r["step"] for r in b] == [1, 2, 3, 4]
-    for x, y in zip(a, b, strict=True):
-        for key in COMPARED:
-            assert x[key] == pytest.approx(y[key], abs=1e-6), (x["step"], key)
+    assert_resumed_equals_straight(tmp_path, ZERO3_SHARED, COMPARED)
 
 
 @pytest.mark.slow
