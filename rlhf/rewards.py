@@ -30,3 +30,14 @@ def vowel_ratio(prompts: list[str], responses: list[str]) -> list[float]:
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     return [vowel_score(response) for response in responses]
+
+
+BREVITY_WORDS = 25
+
+
+def brevity(prompts: list[str], responses: list[str]) -> list[float]:
+    """Reward short answers: ``1 - words / 25``, clipped to [-1, 1] (1 for an empty answer, 0 at
+    25 words, -1 from 50 words on). A visible target for a chat model: its answers get shorter."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    return [max(-1.0, min(1.0, 1.0 - len(response.split()) / BREVITY_WORDS)) for response in responses]

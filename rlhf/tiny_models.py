@@ -18,13 +18,10 @@ thread so that the trained reward model is reproducible too.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import json
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,12 +38,12 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from rlhf.rewards import vowel_score
+from rlhf.staged_dir import build_once, command_line
 
 RECIPE_VERSION = "tiny-models-1"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT_DIR = REPO_ROOT / "build" / "tiny"
 PROMPTS_FILE = REPO_ROOT / "data" / "prompts" / "tiny_prompts.jsonl"
-STAMP_NAME = ".complete"
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 ROLE_TOKENS = ["<|user|>", "<|assistant|>", "<|system|>"]
@@ -355,29 +352,6 @@ def _build_into(directory: Path) -> None:
     _progress(f"reward: held-out Pearson with vowel_ratio {report['heldout_pearson']:.3f}", started)
 
 
-def _stamp_matches(directory: Path, expected_hash: str) -> bool:
-    stamp = directory / STAMP_NAME
-    return stamp.is_file() and stamp.read_text().strip() == expected_hash
-
-
-def _make_shareable(root: Path) -> None:
-    """mkdtemp creates a 0700 directory and the weights are written 0600: open them up for reading,
-    since a build directory is often shared between users and jobs."""
-    for path in [root, *root.rglob("*")]:
-        path.chmod(0o755 if path.is_dir() else 0o644)
-
-
-def _replace_directory(new: Path, target: Path) -> None:
-    """Move ``new`` to ``target``; a previous ``target`` is only removed once ``new`` is in place."""
-    old = None
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        target.replace(old)  # rename(2) may replace an empty directory
-    new.replace(target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 @contextlib.contextmanager
 def _single_thread_without_progress_bars():
     """One thread makes the reward training reproducible (and is polite on small machines);
@@ -396,34 +370,16 @@ def _single_thread_without_progress_bars():
 
 def build(out_dir: Path = DEFAULT_OUT_DIR, force: bool = False) -> Path:
     """Build the tiny models into ``out_dir`` unless its stamp already matches the recipe."""
-    out_dir = Path(out_dir).resolve()
-    expected_hash = recipe_hash()
-    if not force and _stamp_matches(out_dir, expected_hash):
-        print(f"[tiny_models] {out_dir} is up to date", flush=True)
-        return out_dir
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Built beside the target and renamed at the end: an interrupted build never leaves a half DIR.
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
-    try:
+    def build_into(staging: Path) -> None:
         with _single_thread_without_progress_bars():
             _build_into(staging)
-        (staging / STAMP_NAME).write_text(expected_hash + "\n")
-        _make_shareable(staging)
-        _replace_directory(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    print(f"[tiny_models] wrote {out_dir}", flush=True)
-    return out_dir
+
+    return build_once(out_dir, recipe_hash(), build_into, "tiny_models", force)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR, help="output directory")
-    parser.add_argument("--force", action="store_true", help="rebuild even if the stamp matches")
-    args = parser.parse_args(argv)
-    build(args.out, force=args.force)
-    return 0
+    return command_line(build, DEFAULT_OUT_DIR, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.rewards import vowel_ratio, vowel_score
+from rlhf.rewards import brevity, vowel_ratio, vowel_score
 
 
 @pytest.mark.parametrize(
@@ -69,3 +69,25 @@ def test_importing_rewards_does_not_import_torch():
     code = "import sys, rlhf.rewards; sys.exit('torch' in sys.modules)"
     repo_root = Path(__file__).resolve().parents[1]
     assert subprocess.run([sys.executable, "-c", code], cwd=repo_root, check=False).returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("response", "expected"),
+    [
+        ("", 1.0),
+        ("one", 1 - 1 / 25),
+        (" ".join(["w"] * 25), 0.0),
+        ("a  b\n c\td", 1 - 4 / 25),  # any whitespace separates words
+        (" ".join(["w"] * 50), -1.0),
+        (" ".join(["w"] * 80), -1.0),  # clipped
+    ],
+)
+def test_brevity_known_answers(response, expected):
+    assert brevity(["prompt"], [response]) == [pytest.approx(expected)]
+
+
+def test_brevity_is_fewer_words_better_for_every_length():
+    scores = brevity(["p"] * 60, [" ".join(["w"] * n) for n in range(60)])
+    assert all(a >= b for a, b in zip(scores, scores[1:], strict=False))
+    with pytest.raises(ValueError, match="2 prompts but 1 responses"):
+        brevity(["a", "b"], ["x"])

@@ -16,6 +16,7 @@ from transformers import (
 
 from rlhf import tiny_models
 from rlhf.rewards import vowel_ratio
+from rlhf.staged_dir import STAMP_NAME
 
 HELDOUT_SEED = 2024  # differs from every seed the build uses
 
@@ -49,7 +50,7 @@ def test_build_writes_three_models_a_stamp_and_nothing_else(built):
     for name in ("actor", "critic", "reward"):
         for file in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
             assert (built / name / file).is_file(), f"{name}/{file}"
-    assert (built / tiny_models.STAMP_NAME).read_text().strip() == tiny_models.recipe_hash()
+    assert (built / STAMP_NAME).read_text().strip() == tiny_models.recipe_hash()
     assert sorted(p.name for p in built.parent.iterdir()) == [built.name]  # no staging leftovers
 
 
@@ -177,7 +178,7 @@ def test_rerun_with_matching_stamp_skips_the_build(built, monkeypatch, capsys):
 def test_stale_stamp_or_force_rebuilds(tmp_path, monkeypatch):
     target = tmp_path / "models"
     target.mkdir()
-    (target / tiny_models.STAMP_NAME).write_text("an older recipe\n")
+    (target / STAMP_NAME).write_text("an older recipe\n")
     (target / "old_file").write_text("old")
     monkeypatch.setattr(tiny_models, "_build_into", fake_build)
 
@@ -216,5 +217,5 @@ def test_interrupted_rebuild_keeps_the_previous_build(tmp_path, monkeypatch):
     monkeypatch.setattr(tiny_models, "_build_into", interrupt)
     with pytest.raises(KeyboardInterrupt):
         tiny_models.build(target, force=True)
-    assert (target / tiny_models.STAMP_NAME).read_text().strip() == tiny_models.recipe_hash()
+    assert (target / STAMP_NAME).read_text().strip() == tiny_models.recipe_hash()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]

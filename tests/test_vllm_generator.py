@@ -17,10 +17,11 @@ from tests.conftest import ROOT
 ROLLOUT = ["response_ids", "response_mask", "finished"]
 
 
-@pytest.fixture(scope="module")
-def probe(tiny_models, tmp_path_factory):
+@pytest.fixture(scope="module", params=["untied", "tied"])
+def probe(request, tiny_models, tmp_path_factory):
+    """Untied and tied output heads: vLLM's CPU build repacks a tied head separately."""
     out = tmp_path_factory.mktemp("vllm") / "probe.pt"
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "vllm_probe.py"), str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "vllm_probe.py"), str(out), request.param], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return torch.load(out, weights_only=False)
 

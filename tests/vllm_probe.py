@@ -1,5 +1,6 @@
 """Runs a real vLLM engine (tiny model, CPU) next to Hugging Face generate and saves what
-tests/test_vllm_generator.py checks: ``python tests/vllm_probe.py OUT.pt``.
+tests/test_vllm_generator.py checks: ``python tests/vllm_probe.py OUT.pt [untied|tied]``
+(tied: the output head shares the input embedding's weight).
 
 A process of its own because an engine changes its process for good (a torch.distributed
 world, thread settings, the global seed): the test process stays clean.
@@ -31,11 +32,10 @@ from rlhf.weight_sync import send_weights  # noqa: E402
 SEPARATE = "model_configs.actor.generator_config={shared_with_trainer: false, generator_type: vllm}"
 
 
-def send_from_another_process(port: int, weights: str) -> None:
+def send_from_another_process(port: int, model_dir: str) -> None:
     cpu = torch.device("cpu")
     store = dist.TCPStore("127.0.0.1", port, 2, is_master=False, timeout=datetime.timedelta(seconds=60))
-    model = load_causal_lm(str(ROOT / "build" / "tiny" / "actor"), "float32", cpu)
-    model.load_state_dict(torch.load(weights))
+    model = load_causal_lm(model_dir, "float32", cpu)
     send_weights(list(model.named_parameters()), 0, PeerGroup(store, "sync", [0, 1], 0, cpu), cpu)
 
 
@@ -44,18 +44,36 @@ def broadcast_into(role: VLLMGeneratorRole, model: torch.nn.Module, scratch: Pat
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    weights = scratch / "actor_weights.pt"
-    torch.save(model.state_dict(), weights)
+    model.save_pretrained(scratch / "updated_actor")
     store = dist.TCPStore("127.0.0.1", port, 2, is_master=True, timeout=datetime.timedelta(seconds=60), wait_for_workers=False)
-    actor = multiprocessing.get_context("spawn").Process(target=send_from_another_process, args=(port, str(weights)))
+    actor = multiprocessing.get_context("spawn").Process(target=send_from_another_process, args=(port, str(scratch / "updated_actor")))
     actor.start()
     role.receive(0, PeerGroup(store, "sync", [0, 1], 1, torch.device("cpu")))
     actor.join(timeout=60)
     assert actor.exitcode == 0, f"the sending process exited with {actor.exitcode}"
 
 
-def main(out: str) -> None:
-    spec = load_spec(ROOT / "specs" / "tiny_cpu.yaml", [SEPARATE, "rollout_config.generate_kwargs.do_sample=false"]).spec
+def tied_copy(source: Path, target: Path) -> Path:
+    """The tiny actor with its output head tied to the input embedding (as in SmolLM2, Gemma, ...)."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(source)
+    model.config.tie_word_embeddings = True
+    tied = LlamaForCausalLM(model.config)
+    tied.load_state_dict({k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}, strict=False)
+    tied.tie_weights()
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    tied.save_pretrained(target)
+    AutoTokenizer.from_pretrained(source).save_pretrained(target)
+    return target
+
+
+def main(out: str, variant: str) -> None:
+    overrides = [SEPARATE, "rollout_config.generate_kwargs.do_sample=false"]
+    if variant == "tied":
+        model = tied_copy(ROOT / "build" / "tiny" / "actor", Path(out).parent / "tied_actor")
+        overrides.append(f"model_configs.actor.model_path={model}")
+    spec = load_spec(ROOT / "specs" / "tiny_cpu.yaml", overrides).spec
     cpu = torch.device("cpu")
     tokenizer = load_tokenizer(spec.tokenizer_config, spec.model_configs.actor.model_path)
     greedy = SamplingSettings.from_spec(spec, tokenizer.eos_token_id, tokenizer.pad_token_id)
@@ -76,7 +94,7 @@ def main(out: str) -> None:
     torch.manual_seed(0)
     with torch.no_grad():
         for _, p in hf.named_parameters():
-            p.add_(torch.randn_like(p) * 0.02)
+            p.add_(torch.randn_like(p) * 0.1)
     both(greedy, "updated_hf_only")
     broadcast_into(role, hf, Path(out).parent)
     both(greedy, "after_sync")
@@ -105,4 +123,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "untied")

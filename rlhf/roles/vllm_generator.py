@@ -147,7 +147,18 @@ def load_into_engine(llm, named: Iterable[tuple[str, Tensor]]) -> None:
     """New weights, by Hugging Face name, in one call: vLLM fuses q/k/v and gate/up from parts
     that must arrive together, and each rank keeps its tensor-parallel shard."""
     llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named})
+    llm.collective_rpc(_repack_tied_head)
     llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+
+
+def _repack_tied_head(worker) -> None:
+    """vLLM's CPU build keeps a repacked copy of the output head for its matrix kernels. With tied
+    embeddings the head receives no weights of its own in a reload, so the copy would keep the old
+    embedding while the shared weight has the new one: repack it from the shared weight."""
+    model = worker.get_model()
+    head, embed = getattr(model, "lm_head", None), getattr(getattr(model, "model", None), "embed_tokens", None)
+    if head is not None and embed is not None and head.weight is embed.weight and hasattr(head, "cpu_linear"):
+        head.quant_method.process_weights_after_loading(head)
 
 
 def kv_cache_bytes(model_path: str, dtype: str, max_len: int, sequences: int) -> int:
