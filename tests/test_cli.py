@@ -86,6 +86,14 @@ def test_schema_check_command():
     assert main(["schema", "--check"]) == 0
 
 
+def test_local_run_needs_its_local_model_folders(tmp_path, capsys):
+    args = [str(SPECS[0].parent / "tiny_cpu.yaml"), "--local", "--output-dir", str(tmp_path), "--set", f"model_configs.critic.model_path={tmp_path / 'missing'}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"model_configs.critic.model_path: {tmp_path / 'missing'}" in err and "build or download them first" in err
+    assert not (tmp_path / "tiny_cpu" / "logs").exists()  # no rank was started
+
+
 def test_local_run_of_a_vllm_generator_needs_vllm_installed():
     spec = load_spec(VLLM).spec
     assert local_gaps(spec, find_module=lambda name: object()) is None

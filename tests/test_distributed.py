@@ -154,7 +154,8 @@ def test_a_killed_rank_takes_every_rank_down_naming_it(tiny_models, tmp_path):
 
 
 def test_launcher_stops_every_rank_when_one_fails(tiny_models, tmp_path):
-    proc = launch(tmp_path, ["train_config.max_train_step=2", "model_configs.reward.model_path=/nonexistent/reward"])
+    (tmp_path / "not_a_model").mkdir()
+    proc = launch(tmp_path, ["train_config.max_train_step=2", f"model_configs.reward.model_path={tmp_path / 'not_a_model'}"])
     assert proc.returncode != 0
     assert "reward rank 0 (global rank 3) exited with status" in proc.stderr
     assert "stopping the other ranks" in proc.stderr
