@@ -22,7 +22,7 @@ def _memory(role: RolePlan) -> str:
         return "unknown (set num_params_b)" if not role.shared_with else "-"
     parts = [("weights", m.weights_gib), ("grads", m.gradients_gib), ("optim", m.optimizer_gib), ("act", m.activations_gib), ("kv", m.kv_cache_gib)]
     detail = ", ".join(f"{name} {value:.1f}" for name, value in parts if value >= 0.05)
-    return f"{m.total_gib:.1f} ({detail})"
+    return f"{m.total_gib:.1f} ({detail})" if detail else "< 0.1"
 
 
 def plan_table(plan: Plan, gpu_memory_gb: float, width: int = 132) -> str:

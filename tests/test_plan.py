@@ -139,3 +139,12 @@ def test_plan_json_has_the_documented_fields():
     assert {"total_gpus", "total_nodes", "roles", "components"} <= set(data)
     assert {"name", "gpus", "data", "tensor", "pipeline", "component"} <= set(data["roles"][0])
     assert {"index", "nodes", "gpus_per_node", "roles"} <= set(data["components"][0])
+
+
+def test_plan_table_shows_tiny_estimates_without_an_empty_breakdown(tiny_models):
+    from launcher.show_plan import plan_table
+
+    tiny = plan_table(load_spec(ROOT / "specs" / "tiny_cpu.yaml").plan, 80)
+    assert "< 0.1" in tiny and "()" not in tiny
+    large = plan_table(load_spec(ROOT / "specs" / "llama2_7b.yaml").plan, 80)
+    assert "(weights " in large
