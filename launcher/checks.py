@@ -244,13 +244,18 @@ def warm_up_leaves_ppo_steps(spec: JobSpec) -> Iterator[Problem]:
         yield warning("train_config.pretrain_step", f"{tc.pretrain_step} >= max_train_step ({tc.max_train_step}): the actor is never trained")
 
 
-def local_path_problems(spec: JobSpec) -> Iterator[Problem]:
-    """Local model folders that do not exist (warnings: the spec may be written before they are).
-    Runs on a resolved spec, where every local path is absolute."""
+def missing_local_models(spec: JobSpec) -> list[tuple[str, str]]:
+    """(key path, folder) of each local model folder that does not exist. Runs on a resolved
+    spec, where every local path is absolute."""
     models: dict[str, ModelConfig] = spec.model_configs.roles()
-    for role, model in models.items():
-        if model.model_path and Path(model.model_path).is_absolute() and not Path(model.model_path).exists():
-            yield warning(f"{_model(role)}.model_path", f"local folder {model.model_path} does not exist (yet)")
+    return [(f"{_model(role)}.model_path", m.model_path) for role, m in models.items()
+            if m.model_path and Path(m.model_path).is_absolute() and not Path(m.model_path).exists()]
+
+
+def local_path_problems(spec: JobSpec) -> Iterator[Problem]:
+    """Missing local model folders are warnings: the spec may be written before they are."""
+    for key, folder in missing_local_models(spec):
+        yield warning(key, f"local folder {folder} does not exist (yet)")
 
 
 # Head sizes that vLLM's CPU attention kernels exist for (vLLM 0.32).

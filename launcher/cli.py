@@ -126,8 +126,9 @@ def main_spec(argv: Sequence[str]) -> int:
 
 def local_gaps(spec, find_module=importlib.util.find_spec) -> str | None:
     """What this machine lacks to run the spec here (a cluster's nodes bring their own environment)."""
-    missing = [f"model_configs.{role}.model_path: {m.model_path}" for role, m in spec.model_configs.roles().items()
-               if m.model_path and Path(m.model_path).is_absolute() and not Path(m.model_path).exists()]
+    from launcher.checks import missing_local_models
+
+    missing = [f"{key}: {folder}" for key, folder in missing_local_models(spec)]
     if missing:
         return f"local model folder(s) not found: {'; '.join(missing)}; build or download them first (a spec's header says how)"
     gen = spec.model_configs.actor.generator_config

@@ -7,6 +7,7 @@ idempotent, so the next session starts in ~0.1 s; `bash slurm/local_cluster.sh d
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -144,25 +145,35 @@ def test_three_component_hetjob_runs_one_component_per_node(slurm_env, tmp_path)
         assert devices == "0,1", text  # 2 GPUs per node, both given to the component
 
 
+# Two minutes in steps of one second: a trap runs after the current step, not after a long foreground sleep.
+WAIT_TWO_MINUTES = "for i in $(seq 120); do sleep 1 & wait $!; done"
+
+
+@contextlib.contextmanager
+def _running(env: dict[str, str], script: Path, out: Path, ready: str):
+    """A submitted job, once it runs and its output shows ``ready``; cancelled on the way out."""
+    job = _submit(env, script)
+    try:
+        _wait_for(env, job, "RUNNING", timeout=60, log=out)
+        _wait_for_text(out, ready, timeout=15)
+        yield job
+    finally:
+        subprocess.run(["scancel", job], env=env, capture_output=True)
+
+
 def test_usr1_to_the_batch_shell_reaches_its_trap(slurm_env, tmp_path):
     out = tmp_path / "sig.out"
     script = tmp_path / "sig.sbatch"
     script.write_text(
         _hetjob_header(out, 2)
         + "trap 'echo GOT_USR1; exit 0' USR1\n"
-        + "echo READY\n"
-        # A foreground `sleep` would delay the trap until it ends: wait on it instead.
-        + "for i in $(seq 120); do sleep 1 & wait $!; done\necho NO_SIGNAL\n"
+        + "echo READY\n"  # the trap is set before READY is printed
+        + f"{WAIT_TWO_MINUTES}\necho NO_SIGNAL\n"
     )
-    job = _submit(slurm_env, script)
-    try:
-        _wait_for(slurm_env, job, "RUNNING", timeout=60, log=out)
-        _wait_for_text(out, "READY", timeout=15)  # the trap is set before READY is printed
+    with _running(slurm_env, script, out, "READY") as job:
         _run(slurm_env, "scancel", "--signal=USR1", "--batch", job)
         _wait_for(slurm_env, job, "COMPLETED", timeout=30, log=out)
         assert "GOT_USR1" in out.read_text()
-    finally:
-        subprocess.run(["scancel", job], env=slurm_env, capture_output=True)
 
 
 def test_requeued_hetjob_runs_again(slurm_env, tmp_path):
@@ -171,13 +182,10 @@ def test_requeued_hetjob_runs_again(slurm_env, tmp_path):
     script.write_text(
         _hetjob_header(out, 2, extra="#SBATCH --requeue\n#SBATCH --open-mode=append\n")
         + "echo RUN ${SLURM_RESTART_COUNT:-0}\n"
-        + 'if [ "${SLURM_RESTART_COUNT:-0}" = 0 ]; then for i in $(seq 120); do sleep 1 & wait $!; done; fi\n'
+        + f'if [ "${{SLURM_RESTART_COUNT:-0}}" = 0 ]; then {WAIT_TWO_MINUTES}; fi\n'
         + "echo END ${SLURM_RESTART_COUNT:-0}\n"
     )
-    job = _submit(slurm_env, script)
-    try:
-        _wait_for(slurm_env, job, "RUNNING", timeout=60, log=out)
-        _wait_for_text(out, "RUN 0", timeout=15)
+    with _running(slurm_env, script, out, "RUN 0") as job:
         _run(slurm_env, "scontrol", "requeue", job)
         # A requeued job is held cred_expire+1 s (11 s here), and a hetjob then may wait ~15 s more for
         # backfill. Resetting StartTime once every component is PENDING restarts it in ~1 s; sent
@@ -187,5 +195,3 @@ def test_requeued_hetjob_runs_again(slurm_env, tmp_path):
         _wait_for(slurm_env, job, "COMPLETED", timeout=60, log=out)
         _wait_for_text(out, "END 1", timeout=5)
         assert "END 0" not in out.read_text()
-    finally:
-        subprocess.run(["scancel", job], env=slurm_env, capture_output=True)

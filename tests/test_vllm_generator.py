@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from launcher.spec import load_spec
-from rlhf.roles.vllm_generator import MIN_CPU_KV_CACHE_BYTES, kv_cache_bytes
+from rlhf.roles.vllm_generator import MIN_CPU_KV_CACHE_BYTES, cpu_kv_cache_bytes
 from tests.conftest import ROOT
 
 ROLLOUT = ["response_ids", "response_mask", "finished"]
@@ -78,16 +78,14 @@ def test_top_k_and_top_p_reach_the_sampler(probe):
     assert same(probe["sample/top_p_tiny"], probe["greedy"])
 
 
-def test_kv_cache_is_sized_to_the_batch(tiny_models):
-    actor = str(tiny_models / "actor")  # 2 layers, 2 KV heads of 32
-    per_token = 2 * 2 * 2 * 32 * 4
-    assert kv_cache_bytes(actor, "float32", 1000, 64) == int(per_token * 1000 * 64 * 1.25)
-    assert kv_cache_bytes(actor, "bfloat16", 1000, 64) == int(per_token // 2 * 1000 * 64 * 1.25)
-    assert kv_cache_bytes(actor, "float32", 10, 1) == MIN_CPU_KV_CACHE_BYTES
+def test_cpu_kv_cache_is_sized_to_each_engine_rank_share_of_the_batch(tiny_models):
+    per_token = 2 * 2 * 2 * 32 * 4  # K and V x 2 layers x 2 KV heads of 32 x float32
+    tokens = 48 + 24  # max_seq_len + max_new_tokens of the tiny spec
 
+    def sized(*sets):
+        return cpu_kv_cache_bytes(load_spec(ROOT / "specs" / "tiny_cpu_vllm.yaml", ["dataset_config.num_samples_each_epoch=4096", *sets]).spec)
 
-def test_prompts_per_engine_spread_over_replicas():
-    from rlhf.roles.vllm_generator import VLLMGeneratorRole
-
-    spec = load_spec(ROOT / "specs" / "tiny_cpu.yaml", ["model_configs.actor.generator_config={shared_with_trainer: false, generator_type: vllm, parallel: {data: {size: 2}}}"]).spec
-    assert VLLMGeneratorRole.prompts_per_engine(spec) == 16  # 32 prompts over 2 engines
+    assert sized("model_configs.actor.generator_config.parallel.tensor.size=1") == int(per_token * tokens * 4096 * 1.25)
+    assert sized() == int(per_token * tokens * 4096 * 1.25 / 2)  # tensor size 2: each rank holds half the heads
+    assert sized("model_configs.actor.generator_config.parallel={data: {size: 2}, tensor: {size: 1}}") == int(per_token * tokens * 2048 * 1.25)
+    assert cpu_kv_cache_bytes(load_spec(ROOT / "specs" / "tiny_cpu_vllm.yaml").spec) == MIN_CPU_KV_CACHE_BYTES  # 32 prompts

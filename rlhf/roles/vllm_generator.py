@@ -22,11 +22,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from launcher import memory
+from launcher.model_shape import model_shape
 from rlhf.config import JobSpec
 from rlhf.rollout import Batch, SamplingSettings, rollout_batch
 from rlhf.weight_sync import receive_stream
 
 MIN_CPU_KV_CACHE_BYTES = 32 << 20
+UNKNOWN_MODEL_KV_CACHE_BYTES = 1 << 30  # a model whose shape the plan cannot read
 
 
 class VLLMGeneratorRole:
@@ -65,7 +68,7 @@ class VLLMGeneratorRole:
         memory = {"gpu_memory_utilization": gen.gpu_memory_utilization}
         if device.type == "cpu":
             # On CPU the utilization is a fraction of the machine's RAM: size the cache to the batch instead.
-            memory = {"kv_cache_memory_bytes": kv_cache_bytes(cfg.model_path, cfg.torch_dtype, max_len, self.prompts_per_engine(spec))}
+            memory = {"kv_cache_memory_bytes": cpu_kv_cache_bytes(spec)}
         self.llm = LLM(
             model=cfg.model_path,
             skip_tokenizer_init=True,  # token ids in, token ids out
@@ -78,10 +81,6 @@ class VLLMGeneratorRole:
             enforce_eager=device.type == "cpu",  # graph capture and compilation only pay off on GPUs
             **memory,
         )
-
-    @staticmethod
-    def prompts_per_engine(spec: JobSpec) -> int:
-        return spec.dataset_config.num_samples_each_epoch // spec.model_configs.actor.generator_config.parallel.data.size
 
     def sampling_params(self, seed: int):
         from vllm import SamplingParams
@@ -161,15 +160,12 @@ def _repack_tied_head(worker) -> None:
         head.quant_method.process_weights_after_loading(head)
 
 
-def kv_cache_bytes(model_path: str, dtype: str, max_len: int, sequences: int) -> int:
-    """KV-cache memory for ``sequences`` requests of ``max_len`` tokens at once."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_path)
-    config = getattr(config, "text_config", config)
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    elem = torch.finfo(getattr(torch, dtype)).bits // 8 if dtype != "auto" else 2
-    per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * elem
-    return max(MIN_CPU_KV_CACHE_BYTES, int(per_token * max_len * sequences * 1.25))
+def cpu_kv_cache_bytes(spec: JobSpec) -> int:
+    """KV-cache memory of one engine rank on CPU: the resource plan's estimate (the engine's share
+    of the rollout batch at full length) with a quarter of headroom."""
+    actor = spec.model_configs.actor
+    shape = model_shape(actor.model_path, actor.num_params_b)
+    if shape is None:
+        return UNKNOWN_MODEL_KV_CACHE_BYTES
+    estimate = memory.generator(actor, shape, spec).kv_cache_gib * memory.GIB
+    return max(MIN_CPU_KV_CACHE_BYTES, int(estimate * 1.25))
