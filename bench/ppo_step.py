@@ -128,7 +128,7 @@ def check_models(spec) -> None:
         if not (Path(p) / "config.json").exists()
     ]
     if missing:
-        sys.exit(f"tiny models missing ({', '.join(missing)}); build them with: .venv/bin/python -m rlhf.tiny_models")
+        sys.exit(f"tiny models missing ({', '.join(missing)}); build them with: .venv/bin/python -m rlhf.demo.tiny_models")
 
 
 def shown(path: str) -> str:
@@ -167,9 +167,9 @@ def bench_ours(spec, warmup: int, steps: int) -> dict:
         setup_started = time.perf_counter()
         engine = PPOLoop(spec, Path(tmp))
         setup_s = time.perf_counter() - setup_started
-        for step in range(1, warmup + 1):
-            engine.ppo_step(step)
-        rows = [engine.ppo_step(step) for step in range(warmup + 1, warmup + steps + 1)]
+        for _ in range(warmup):
+            engine.ppo_step()
+        rows = [engine.ppo_step() for _ in range(steps)]
         frozen = gc.get_freeze_count()
         del engine
     lengths = {row["response_len_mean"] for row in rows}
@@ -199,8 +199,8 @@ def trl_dataset(spec, tokenizer):
     """The project's prompt file rendered with the tokenizer's chat template, as TRL expects."""
     from datasets import Dataset
 
+    from rlhf.core.data_sources import parse_source
     from rlhf.data import encode_prompt, load_prompt_source
-    from rlhf.data_sources import parse_source
 
     ids = []
     for entry in spec.dataset_config.ppo_datas:

@@ -6,10 +6,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from launcher.model_shape import local_config
-from launcher.problems import Problem, error, warning
-from rlhf.config import JobSpec, ModelConfig, Parallel
-from rlhf.data_sources import parse_source
+from rlhf.core.config import JobSpec, ModelConfig, Parallel
+from rlhf.core.data_sources import parse_source
+from rlhf.core.model_shape import local_config
+from rlhf.core.problems import Problem, error, warning
 
 TRAINED = ("actor", "critic")
 Check = Callable[[JobSpec], Iterator[Problem]]
@@ -23,19 +23,6 @@ def check(fn: Check) -> Check:
 
 def _model(role: str) -> str:
     return f"model_configs.{role}"
-
-
-def micro_batch(spec: JobSpec, role: str) -> int:
-    """The training micro batch of actor or critic: train_config's, else train_kwargs.micro_bsz."""
-    explicit = getattr(spec.train_config, f"{role}_micro_bs")
-    if explicit is not None:
-        return explicit
-    kwargs = spec.model_configs.roles()[role].trainer_config.train_kwargs
-    return kwargs.micro_bsz if kwargs is not None and kwargs.micro_bsz is not None else 1
-
-
-def minibatch(spec: JobSpec, role: str) -> int:
-    return spec.train_config.ppo_minibatch if role == "actor" else spec.train_config.value_minibatch
 
 
 @check
@@ -105,8 +92,8 @@ def deepspeed_configs(spec: JobSpec) -> Iterator[Problem]:
 def _deepspeed_batch_keys(spec: JobSpec, role: str, prefix: str) -> Iterator[Problem]:
     ds = spec.model_configs.roles()[role].trainer_config.deepspeed_config
     dp = spec.model_configs.roles()[role].trainer_config.parallel.data.size
-    micro = micro_batch(spec, role)
-    total = minibatch(spec, role)
+    micro = spec.train_micro_batch(role)
+    total = spec.train_minibatch(role)
     expected = {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": total // (dp * micro) if total % (dp * micro) == 0 else None,
@@ -156,8 +143,8 @@ def batch_sizes_divide(spec: JobSpec) -> Iterator[Problem]:
             yield error(f"train_config.{key}", f"found {size}, expected a divisor of dataset_config.num_samples_each_epoch ({rollout}) so that every optimizer step sees the same number of sequences")
     for role in TRAINED:
         dp = spec.model_configs.roles()[role].trainer_config.parallel.data.size
-        micro = micro_batch(spec, role)
-        size = minibatch(spec, role)
+        micro = spec.train_micro_batch(role)
+        size = spec.train_minibatch(role)
         key = "ppo_minibatch" if role == "actor" else "value_minibatch"
         if size % (dp * micro):
             yield error(

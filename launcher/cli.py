@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from launcher.problems import SpecError
+from rlhf.core.problems import SpecError
 
 EXIT_BAD_SPEC = 2
 COMMANDS = ("convert", "schema", "plot", "status", "cancel")
@@ -171,7 +171,7 @@ def prepare_run_dir(run_dir: Path, spec, resume: str | None) -> str | None:
             f"{run_dir} already holds a run; continue it with --resume, or start another with "
             "--set run.name=NEW or --output-dir DIR"
         )
-    from launcher import yaml_io
+    from rlhf.core import yaml_io
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "spec.yaml").write_text(yaml_io.dump(spec.to_dict()))

@@ -14,8 +14,8 @@ import types
 from pathlib import Path
 from typing import Any
 
-from launcher import yaml_io
-from rlhf.config import JobSpec
+from rlhf.core import yaml_io
+from rlhf.core.config import JobSpec
 
 SECTION_ORDER = [f.name for f in JobSpec.__dataclass_fields__.values()]
 _DTYPES = ("float32", "float16", "bfloat16", "float64", "half", "float", "bfloat")

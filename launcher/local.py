@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher.plan import Plan
+from rlhf.core.plan import Plan
 
 STOP_GRACE_S = 10
 

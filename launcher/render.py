@@ -15,8 +15,8 @@ from pathlib import Path
 
 import jinja2
 
-from launcher.plan import Plan
-from rlhf.config import JobSpec
+from rlhf.core.config import JobSpec
+from rlhf.core.plan import Plan
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "slurm"
 # What Slurm's #SBATCH parser and filename patterns take literally.

@@ -7,8 +7,8 @@ from typing import Any
 
 import jsonschema
 
-from launcher.problems import Problem, did_you_mean, error, show
-from rlhf import schema
+from rlhf.core import schema
+from rlhf.core.problems import Problem, did_you_mean, error, show
 
 _TYPE_WORDS = {
     "integer": "an integer",

@@ -7,7 +7,7 @@ import io
 from rich.console import Console
 from rich.table import Table
 
-from launcher.plan import Plan, RolePlan
+from rlhf.core.plan import Plan, RolePlan
 
 
 def _ranges(values: list[int]) -> str:

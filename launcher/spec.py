@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from launcher import checks, yaml_io
-from launcher.plan import Plan, build_plan
-from launcher.problems import Problem, SpecError, error
+from launcher import checks
 from launcher.schema_errors import schema_problems
-from rlhf import schema
-from rlhf.config import JobSpec, TrainKwargs
-from rlhf.data_sources import looks_local, parse_source
+from rlhf.core import schema, yaml_io
+from rlhf.core.config import JobSpec, TrainKwargs
+from rlhf.core.data_sources import looks_local, parse_source
+from rlhf.core.plan import Plan, build_plan
+from rlhf.core.problems import Problem, SpecError, error
 
 
 @dataclass
@@ -153,7 +153,7 @@ def _resolve(spec: JobSpec, base_dir: Path) -> None:
         if role in checks.TRAINED and model.trainer_config.train_kwargs is None:
             model.trainer_config.train_kwargs = TrainKwargs()
     for role in checks.TRAINED:
-        setattr(spec.train_config, f"{role}_micro_bs", checks.micro_batch(spec, role))
+        setattr(spec.train_config, f"{role}_micro_bs", spec.train_micro_batch(role))
     tok = spec.tokenizer_config
     tok.tokenizer_path = _resolve_path(tok.tokenizer_path, base_dir) if tok.tokenizer_path else spec.model_configs.actor.model_path
     resolved = []

@@ -28,8 +28,8 @@ import pyarrow.parquet as pq
 import torch
 from transformers import AutoTokenizer
 
-from rlhf.config import DatasetConfig, TokenizerConfig
-from rlhf.data_sources import LOCAL_SUFFIXES, looks_local, parse_source
+from rlhf.core.config import DatasetConfig, TokenizerConfig
+from rlhf.core.data_sources import LOCAL_SUFFIXES, looks_local, parse_source
 
 ROLES = ("system", "user", "assistant")
 Messages = list[dict[str, str]]
@@ -117,7 +117,7 @@ def parse_hh_dialogue(text: str, where: str = "hh-rlhf text") -> Messages:
 def load_prompt_source(source: str) -> list[Messages]:
     """All prompts of one source, in the source's order.
 
-    A source is local when it looks like a path (``rlhf.data_sources.looks_local``) or exists on disk:
+    A source is local when it looks like a path (``rlhf.core.data_sources.looks_local``) or exists on disk:
     a .jsonl/.json/.parquet file, or a folder whose files with those suffixes (recursively, sorted) are
     all read. Otherwise it is a Hugging Face dataset in XTuner's form ``owner/name[/data_dir]``
     (``Anthropic/hh-rlhf/helpful-base`` is repo ``Anthropic/hh-rlhf``, data_dir ``helpful-base``) whose

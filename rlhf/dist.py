@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from launcher.plan import Plan
+from rlhf.core.plan import Plan
 
 FAILED_KEY = "rlhf/failed"
 HEARTBEAT_S = 1.0

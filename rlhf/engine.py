@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from rlhf.config import JobSpec, ModelConfig, TrainKwargs
+from rlhf.core.config import JobSpec, ModelConfig, TrainKwargs
 
 
 def lr_factor(step: int, kwargs: TrainKwargs) -> float:
@@ -118,7 +118,6 @@ class DeepSpeedTrainer:
         )
         self.module = self.engine
         self.inner = self.engine.module
-        self._norm = 0.0
 
     def backward(self, loss: Tensor) -> None:
         # DeepSpeed would divide by the accumulation steps; our loss is already normalised.

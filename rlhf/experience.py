@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from rlhf import ppo
-from rlhf.config import JobSpec
+from rlhf.core.config import JobSpec
 from rlhf.rollout import Batch
 
 

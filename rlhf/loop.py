@@ -12,57 +12,86 @@ uninterrupted run, and sharding the generator does not change the responses.
 
 from __future__ import annotations
 
+import enum
 import gc
+import hashlib
 import json
 import os
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
-from rlhf.checkpoint import request_requeue, resolve_resume, save_checkpoint, supersede_later
+from rlhf.checkpoint import checkpoint_step, request_requeue, resolve_resume, save_checkpoint, supersede_later
 from rlhf.cluster import SingleProcess
-from rlhf.config import JobSpec
+from rlhf.core.config import JobSpec
 from rlhf.data import PromptMix, load_tokenizer, render_prompts
 from rlhf.exchange import shard_bounds
 from rlhf.experience import RewardMoments, make_experience
 from rlhf.metrics import MetricsLogger, StepPrinter
 from rlhf.models import quiet_transformers
+from rlhf.preemption import PreemptionNotice
+from rlhf.protocols import Cluster, Generator
 from rlhf.roles.actor import ActorRole
 from rlhf.roles.critic import CriticRole
 from rlhf.roles.generator import HFGeneratorRole
 from rlhf.roles.reference import ReferenceRole
 from rlhf.roles.reward import RewardRole
-from rlhf.rollout import SamplingSettings
+from rlhf.rollout import Batch, SamplingSettings
 from rlhf.timing import Timer
 from rlhf.weight_sync import send_weights
 
 ROLLOUT_KEYS = ["prompt_ids", "prompt_mask", "response_ids", "response_mask", "finished"]
+# Timer sections reported as <name>_time_s; forward/backward/optimizer are timed inside the trainers.
+TIMED_SECTIONS = ("step", "generate", "score", "train", "weight_sync", "forward", "backward", "optimizer")
 
 
 def pick_device(name: str) -> torch.device:
+    """The device of this process: ``run.device``, with ``auto`` meaning CUDA when there is one."""
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))))
     return torch.device("cpu")
 
 
-def step_seed(seed: int, step: int, salt: int = 0) -> int:
-    return (seed * 1_000_003 + step * 9_176 + salt * 7_919) % (2**63)
+class Stream(enum.IntEnum):
+    """The independent random streams of one PPO step. Each draws from a seed of its own, so
+    that what one consumes never shifts another (and a resumed step draws what it drew)."""
+
+    STEP = 0  # torch's global generator at the start of the step
+    CRITIC_ORDER = 1  # minibatch permutations of the critic update
+    ACTOR_ORDER = 2  # minibatch permutations of the actor update
+    SAMPLING = 3  # one generate call, keyed further by the global row of its first prompt
+
+
+def step_seed(seed: int, step: int, stream: Stream, row: int = 0) -> int:
+    """A 63-bit seed that is a pure function of (run seed, step, stream, row).
+
+    A hash rather than a linear mix of the four: no two (step, row) pairs of any run size
+    share a seed."""
+    digest = hashlib.blake2b(f"{seed}/{step}/{int(stream)}/{row}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def write_status(run_dir: Path, **fields) -> None:
+    """Replace RUN_DIR/status.json atomically (``rlhf-launch status`` reads it)."""
     tmp = run_dir / ".status.json.tmp"
     tmp.write_text(json.dumps({"time": time.time(), **fields}) + "\n")
     tmp.replace(run_dir / "status.json")
 
 
 class PPOLoop:
-    """The roles this process runs, and the step that connects them."""
+    """The roles this process runs, and the step that connects them.
 
-    def __init__(self, spec: JobSpec, run_dir: Path, cluster=None, device: torch.device | None = None):
+    ``step`` is the number of PPO steps done; ``ppo_step()`` runs the next one and advances it,
+    and ``load`` sets it from a checkpoint."""
+
+    def __init__(self, spec: JobSpec, run_dir: Path, cluster: Cluster | None = None, device: torch.device | None = None):
         self.spec, self.run_dir = spec, run_dir
-        self.cluster = cluster or SingleProcess()
+        self.cluster: Cluster = cluster or SingleProcess()
         self.device = device or pick_device(spec.run.device)
         quiet_transformers()
         torch.manual_seed(spec.run.seed)
@@ -73,6 +102,7 @@ class PPOLoop:
         self.separate_generator = not spec.model_configs.actor.generator_config.shared_with_trainer
         self.prompts = PromptMix(spec.dataset_config) if c.runs("generator") else None
         self.actor = ActorRole(spec, self.device, self.sampling, self.timer, c) if c.runs("actor") else None
+        self.generator: Generator | None
         if self.separate_generator:
             self.generator = make_generator(spec, self.device, self.sampling) if c.runs("generator") else None
         else:
@@ -88,7 +118,40 @@ class PPOLoop:
         gc.freeze()
 
     # ------------------------------------------------------------------ one step
-    def _rollout(self, step: int):
+    def ppo_step(self) -> dict[str, float]:
+        """Run PPO step ``self.step + 1`` on this process's roles and return its metrics
+        (the same on every process)."""
+        spec, timer, c = self.spec, self.timer, self.cluster
+        step = self.step + 1
+        seed = spec.run.seed
+        torch.manual_seed(step_seed(seed, step, Stream.STEP))
+        with timer("step"):
+            with timer("generate"):
+                rollout = self._rollout(step)
+            with timer("score"):
+                old_logprobs = self._ask("actor", "old_logprobs", self.actor.logprobs if self.actor else None, rollout)
+                ref_logprobs = self._ask("reference", "ref_logprobs", self.reference.logprobs if self.reference else None, rollout)
+                values = self._ask("critic", "values", self.critic.values if self.critic else None, rollout)
+                scores = self._ask("reward", "scores", self.reward.scores if self.reward else None, rollout)
+            experience, metrics = make_experience(spec, rollout, old_logprobs, ref_logprobs, values, scores, self.moments)
+            actor_trains = step > spec.train_config.pretrain_step
+            with timer("train"):
+                critic_stats = self.critic.train(experience, step_seed(seed, step, Stream.CRITIC_ORDER)) if self.critic else None
+                actor_stats = self.actor.train(experience, step_seed(seed, step, Stream.ACTOR_ORDER)) if self.actor and actor_trains else None
+            with timer("weight_sync"):
+                if self.separate_generator and actor_trains:
+                    self._sync_weights()
+            metrics.update(c.share(critic_stats, "critic"))
+            if actor_trains:
+                metrics.update(c.share(actor_stats, "actor"))
+        self.step = step
+        sections = timer.pop()
+        metrics.update({f"{name}_time_s": sections.get(name, 0.0) for name in TIMED_SECTIONS})
+        metrics["gen_tokens_per_s"] = int(rollout["response_mask"].sum()) / max(sections["generate"], 1e-9)
+        return metrics
+
+    def _rollout(self, step: int) -> Batch:
+        """Step ``step``'s prompts and sampled responses, whole, on every process."""
         spec, c = self.spec, self.cluster
         local = None
         if c.runs("generator"):  # every rank of an engine takes part; its replica leader reports
@@ -97,58 +160,19 @@ class PPOLoop:
             index, parts = c.shard_of("generator")
             start, stop = shard_bounds(len(messages), parts, index)
             prompts = {"prompt_ids": encoded["input_ids"][start:stop].to(self.device), "prompt_mask": encoded["attention_mask"][start:stop].to(self.device)}
-            local = self.generator.generate(prompts, start, lambda row: step_seed(spec.run.seed, step, 1000 + row))
+            local = self.generator.generate(prompts, start, lambda row: step_seed(spec.run.seed, step, Stream.SAMPLING, row))
             local = local if c.is_replica_leader("generator") else None
         return c.gather("generator", local, ROLLOUT_KEYS, pad={"response_ids": self.sampling.pad_id})
 
-    def _from_role(self, role: str, runner, fn, rollout, key: str):
+    def _ask(self, role: str, key: str, compute: Callable[[Batch], Tensor] | None, rollout: Batch) -> Tensor:
+        """``compute`` over this process's shard of the rollout when it runs ``role``, and the
+        role's whole result on every process."""
         c = self.cluster
-        local = {key: fn(c.shard(role, rollout))} if runner is not None and c.is_replica_leader(role) else None
+        local = {key: compute(c.shard(role, rollout)).to(self.device)} if compute is not None and c.is_replica_leader(role) else None
         return c.gather(role, local, [key])[key]
 
-    def ppo_step(self, step: int) -> dict[str, float]:
-        spec, timer, c = self.spec, self.timer, self.cluster
-        started = time.perf_counter()
-        torch.manual_seed(step_seed(spec.run.seed, step))
-        phase = {}
-        t = time.perf_counter()
-        rollout = self._rollout(step)
-        phase["generate"] = time.perf_counter() - t
-        t = time.perf_counter()
-        old_logprobs = self._from_role("actor", self.actor, lambda b: self.actor.logprobs(b), rollout, "old_logprobs")
-        ref_logprobs = self._from_role("reference", self.reference, lambda b: self.reference.logprobs(b), rollout, "ref_logprobs")
-        values = self._from_role("critic", self.critic, lambda b: self.critic.values(b), rollout, "values")
-        scores = self._from_role("reward", self.reward, lambda b: self.reward.scores(b).to(self.device), rollout, "scores")
-        phase["score"] = time.perf_counter() - t
-        experience, metrics = make_experience(spec, rollout, old_logprobs, ref_logprobs, values, scores, self.moments)
-        t = time.perf_counter()
-        critic_stats = self.critic.train(experience, step_seed(spec.run.seed, step, 1)) if self.critic else None
-        actor_trains = step > spec.train_config.pretrain_step
-        actor_stats = self.actor.train(experience, step_seed(spec.run.seed, step, 2)) if self.actor and actor_trains else None
-        phase["train"] = time.perf_counter() - t
-        t = time.perf_counter()
-        if self.separate_generator and actor_trains:
-            self._sync_weights()
-        phase["sync"] = time.perf_counter() - t
-        metrics.update(c.share(critic_stats, "critic"))
-        if actor_trains:
-            metrics.update(c.share(actor_stats, "actor"))
-        sections = timer.pop()
-        generated = int(rollout["response_mask"].sum())
-        metrics.update(
-            step_time_s=time.perf_counter() - started,
-            generate_time_s=phase["generate"],
-            score_time_s=phase["score"],
-            train_time_s=phase["train"],
-            weight_sync_time_s=phase["sync"],
-            forward_time_s=sections.get("forward", 0.0),
-            backward_time_s=sections.get("backward", 0.0),
-            optimizer_time_s=sections.get("optimizer", 0.0),
-            gen_tokens_per_s=generated / max(phase["generate"], 1e-9),
-        )
-        return metrics
-
     def _sync_weights(self) -> None:
+        """The actor's new weights into the separate generator."""
         c = self.cluster
         if c.world_size == 1:  # both roles in this process: handed over directly
             with torch.no_grad(), self.actor.trainer.gathered():
@@ -164,11 +188,11 @@ class PPOLoop:
             self.generator.receive(src, group)
 
     # ------------------------------------------------------------------ state
-    def save(self, step: int) -> None:
-        """A checkpoint of every role, written by all ranks into one folder that global rank 0
-        completes atomically (rlhf/checkpoint.py)."""
+    def save(self) -> None:
+        """A checkpoint of every role at ``self.step``, written by all ranks into one folder that
+        global rank 0 completes atomically (rlhf/checkpoint.py)."""
         if self.cluster.is_leader:
-            save_checkpoint(self.run_dir, step, self._write_checkpoint)
+            save_checkpoint(self.run_dir, self.step, self._write_checkpoint)
         else:
             self._write_checkpoint(None)
 
@@ -184,6 +208,7 @@ class PPOLoop:
         c.barrier()
 
     def load(self, checkpoint: Path) -> None:
+        """Continue from a checkpoint: every role's state, the step and the reward statistics."""
         if self.actor is not None:
             self.actor.trainer.load(checkpoint, "actor")
         if self.critic is not None:
@@ -195,6 +220,7 @@ class PPOLoop:
             self._sync_weights()
 
     def export(self) -> Path:
+        """The trained actor and critic as Hugging Face folders under RUN_DIR/final."""
         final, c = self.run_dir / "final", self.cluster
         if self.actor is not None:
             self.actor.save_pretrained(final / "actor", self.tokenizer, is_writer=c.is_role_leader("actor"))
@@ -213,7 +239,49 @@ def make_generator(spec: JobSpec, device: torch.device, sampling: SamplingSettin
     return HFGeneratorRole(spec, device, sampling)
 
 
-def run(spec: JobSpec, run_dir: Path, resume: str | None = None, quiet: bool = False, cluster=None, device=None, notice=None) -> list[dict]:
+class Reporter:
+    """What global rank 0 writes as the run goes: status.json, metrics.jsonl and TensorBoard,
+    and the progress line. Other ranks get ``Reporter(None, ...)``, which writes nothing."""
+
+    def __init__(self, run_dir: Path | None, total: int, start_step: int, quiet: bool):
+        self.run_dir, self.total = run_dir, total
+        self.printer = StepPrinter(total, start_step=start_step) if run_dir is not None and not quiet else None
+        self.logger = MetricsLogger(run_dir, resume_step=start_step) if run_dir is not None else None
+        self.history: list[dict] = []
+
+    def status(self, state: str, step: int, **extra) -> None:
+        if self.run_dir is not None:
+            write_status(self.run_dir, state=state, step=step, max_train_step=self.total, **extra)
+
+    def step_done(self, step: int, metrics: dict[str, float]) -> None:
+        if self.logger is not None:
+            self.history.append(self.logger.log(step, metrics))
+        if self.printer is not None:
+            self.printer.update(step, metrics)
+
+    def close(self) -> None:
+        for sink in (self.printer, self.logger):
+            if sink is not None:
+                sink.close()
+
+
+def _due_for_checkpoint(spec: JobSpec, step: int) -> bool:
+    interval = spec.train_config.save_interval
+    return bool(interval and step % interval == 0) or step == spec.train_config.max_train_step
+
+
+def _resume_point(run_dir: Path, resume: str | None, cluster: Cluster) -> Path | None:
+    """The checkpoint to continue from, chosen by global rank 0 and told to every rank."""
+    checkpoint = cluster.share(resolve_resume(run_dir, resume) if cluster.is_leader else None, "actor")
+    if checkpoint is not None and cluster.is_leader:
+        print(f"rlhf: resuming from {checkpoint} (step {checkpoint_step(checkpoint)})", file=sys.stderr, flush=True)
+    return Path(checkpoint) if checkpoint is not None else None
+
+
+def run(
+    spec: JobSpec, run_dir: Path, resume: str | None = None, quiet: bool = False,
+    cluster: Cluster | None = None, device: torch.device | None = None, notice: PreemptionNotice | None = None,
+) -> list[dict]:
     """Train to train_config.max_train_step; returns (on global rank 0) the metrics of the steps run here.
 
     With a PreemptionNotice that fires, the run stops after the current step with a checkpoint
@@ -222,53 +290,44 @@ def run(spec: JobSpec, run_dir: Path, resume: str | None = None, quiet: bool = F
     leader = cluster.is_leader
     if leader:
         run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = cluster.share(resolve_resume(run_dir, resume) if leader else None, "actor")
+    checkpoint = _resume_point(run_dir, resume, cluster)
     loop = PPOLoop(spec, run_dir, cluster, device)
     if checkpoint is not None:
-        loop.load(Path(checkpoint))
+        loop.load(checkpoint)
         if leader:
             for path in supersede_later(run_dir, loop.step):
-                print(f"rlhf: resuming from step {loop.step}; set aside the later checkpoint {path.name}")
+                print(f"rlhf: resuming from step {loop.step}; set aside the later checkpoint {path.name}", file=sys.stderr)
     total = spec.train_config.max_train_step
-    history: list[dict] = []
-    printer = StepPrinter(total, start_step=loop.step) if leader and not quiet else None
-    logger = MetricsLogger(run_dir, resume_step=loop.step) if leader else None
+    report = Reporter(run_dir if leader else None, total, loop.step, quiet)
     try:
-        if leader:
-            write_status(run_dir, state="running", step=loop.step, max_train_step=total)
-        for step in range(loop.step + 1, total + 1):
-            metrics = loop.ppo_step(step)
-            loop.step = step
-            if leader:
-                history.append(logger.log(step, metrics))
-                if printer:
-                    printer.update(step, metrics)
-            interval = spec.train_config.save_interval
-            saved = (interval and step % interval == 0) or step == total
+        report.status("running", loop.step)
+        while loop.step < total:
+            report.step_done(loop.step + 1, loop.ppo_step())
+            saved = _due_for_checkpoint(spec, loop.step)
             if saved:
-                loop.save(step)
-            if notice is not None and step < total and cluster.any(notice.requested):
-                if not saved:
-                    loop.save(step)
-                if leader:
-                    request_requeue(run_dir)
-                    write_status(run_dir, state="preempted", step=step, max_train_step=total)
-                return history
-            if leader:
-                write_status(run_dir, state="running", step=step, max_train_step=total)
+                loop.save()
+            if notice is not None and loop.step < total and cluster.any(notice.requested):
+                _stop_for_requeue(loop, saved, report)
+                return report.history
+            report.status("running", loop.step)
         loop.export()
     except BaseException as exc:
-        if leader:
-            write_status(run_dir, state="failed", step=loop.step, max_train_step=total, error=f"{type(exc).__name__}: {exc}")
+        report.status("failed", loop.step, error=f"{type(exc).__name__}: {exc}")
         raise
     finally:
-        if printer:
-            printer.close()
-        if logger:
-            logger.close()
-    if leader:
-        write_status(run_dir, state="completed", step=loop.step, max_train_step=total)
-    return history
+        report.close()
+    report.status("completed", loop.step)
+    return report.history
+
+
+def _stop_for_requeue(loop: PPOLoop, saved: bool, report: Reporter) -> None:
+    """A preemption notice reached some rank: every rank checkpoints this step, and rank 0
+    asks the job to requeue itself (the sbatch script acts on that)."""
+    if not saved:
+        loop.save()
+    if loop.cluster.is_leader:
+        request_requeue(loop.run_dir)
+    report.status("preempted", loop.step)
 
 
 def run_local(spec: JobSpec, run_dir: Path, resume: str | None = None, quiet: bool = False) -> list[dict]:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from transformers import GenerationConfig, PreTrainedModel
 
-from rlhf.config import JobSpec
+from rlhf.core.config import JobSpec
 
 Batch = dict[str, Tensor]
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 
 def _configure_threads() -> None:
@@ -32,13 +31,19 @@ def main(argv: list[str] | None = None) -> int:
 
     notice = PreemptionNotice()
 
-    from launcher.spec import load_spec
+    from rlhf.core.resolved import ResolvedSpecError, load_resolved
+
+    try:
+        resolved = load_resolved(args.spec)
+    except ResolvedSpecError as exc:
+        print(f"rlhf: {exc}", file=sys.stderr)
+        return 2
+    spec, run_dir = resolved.spec, resolved.run_dir
+
     from rlhf.dist import RendezvousError, Topology, Watchdog, fail_fast, rendezvous
 
-    loaded = load_spec(args.spec)
-    spec, run_dir = loaded.spec, Path(args.spec).resolve().parent
     try:
-        topo = Topology.from_env(loaded.plan)
+        topo = Topology.from_env(resolved.plan)
     except RendezvousError as exc:
         print(f"rlhf: {exc}", file=sys.stderr)
         return 2

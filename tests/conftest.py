@@ -17,6 +17,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_models() -> Path:
     """The tiny offline models of specs/tiny_cpu.yaml (built once; the build is idempotent)."""
-    from rlhf.tiny_models import build
+    from rlhf.demo.tiny_models import build
 
     return build(ROOT / "build" / "tiny")

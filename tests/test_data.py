@@ -17,8 +17,7 @@ import torch
 from datasets.packaged_modules.json.json import Json
 from transformers import AutoTokenizer
 
-from rlhf import tiny_models
-from rlhf.config import DatasetConfig, TokenizerConfig
+from rlhf.core.config import DatasetConfig, TokenizerConfig
 from rlhf.data import (
     PromptDataError,
     PromptMix,
@@ -27,6 +26,7 @@ from rlhf.data import (
     parse_hh_dialogue,
     render_prompts,
 )
+from rlhf.demo import tiny_models
 
 PROMPTS_DIR = Path(__file__).resolve().parents[1] / "data" / "prompts"
 

@@ -126,7 +126,7 @@ def test_a_killed_rank_takes_every_rank_down_naming_it(tiny_models, tmp_path):
     loaded = load_spec(TINY, ["train_config.max_train_step=500", f"run.output_dir={tmp_path}"])
     run_dir = tmp_path / "tiny_cpu"
     run_dir.mkdir()
-    from launcher import yaml_io
+    from rlhf.core import yaml_io
 
     (run_dir / "spec.yaml").write_text(yaml_io.dump(loaded.spec.to_dict()))
     procs = start_ranks(loaded.plan, run_dir / "spec.yaml", run_dir, None, rank0_to_terminal=False)
@@ -163,8 +163,8 @@ def test_launcher_stops_every_rank_when_one_fails(tiny_models, tmp_path):
 
 def test_rendezvous_timeout_names_the_missing_ranks(tiny_models, tmp_path):
     loaded = load_spec(TINY, ["run.rendezvous_timeout_s=2"])
-    from launcher import yaml_io
     from launcher.local import free_port, rank_environments
+    from rlhf.core import yaml_io
 
     (tmp_path / "spec.yaml").write_text(yaml_io.dump(loaded.spec.to_dict()))
     env = {**os.environ, **rank_environments(loaded.plan, free_port(), 1)[0]}

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rlhf import ppo
-from rlhf.config import TrainKwargs
+from rlhf.core.config import TrainKwargs
 from rlhf.engine import TorchTrainer, lr_factor
 from rlhf.roles.common import train_minibatches
 from rlhf.timing import Timer

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from launcher import memory
-from launcher.model_shape import ModelShape, model_shape, params_from_name, shape_from_config
-from launcher.plan import build_plan
 from launcher.spec import load_spec
+from rlhf.core import memory
+from rlhf.core.model_shape import ModelShape, model_shape, params_from_name, shape_from_config
+from rlhf.core.plan import build_plan
 from tests.conftest import ROOT
 
 

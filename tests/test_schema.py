@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from launcher import generated
-from rlhf import config, schema
+from rlhf.core import config, schema
 from tests.conftest import SPECS
 
 

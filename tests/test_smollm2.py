@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 
-from rlhf import smollm2
+from rlhf.demo import smollm2
+from rlhf.demo.staged_dir import STAMP_NAME
 from rlhf.metrics import read_metrics
-from rlhf.staged_dir import STAMP_NAME
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow

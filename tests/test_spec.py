@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launcher.problems import SpecError
 from launcher.spec import load_spec
+from rlhf.core.problems import SpecError
 from tests.conftest import ROOT, SPECS
 
 BASE = yaml.safe_load((ROOT / "specs" / "internlm2_1_8b.yaml").read_text())

@@ -14,9 +14,9 @@ from transformers import (
     AutoTokenizer,
 )
 
-from rlhf import tiny_models
+from rlhf.demo import tiny_models
+from rlhf.demo.staged_dir import STAMP_NAME
 from rlhf.rewards import vowel_ratio
-from rlhf.staged_dir import STAMP_NAME
 
 HELDOUT_SEED = 2024  # differs from every seed the build uses
 

@@ -8,21 +8,16 @@ import torch
 from torch import Tensor
 
 from rlhf import ppo
-from rlhf.config import JobSpec
+from rlhf.core.config import JobSpec
 from rlhf.models import PolicyModule, load_causal_lm
-from rlhf.roles.common import in_micro_batches, make_trainer, train_minibatches
+from rlhf.protocols import Cluster
+from rlhf.roles.common import export_pretrained, in_micro_batches, make_trainer, policy_logprobs, train_minibatches
 from rlhf.rollout import Batch, SamplingSettings, hf_generate, sequences
 from rlhf.timing import Timer
 
 
-def policy_logprobs(policy: torch.nn.Module, batch: Batch, temperature: float) -> Tensor:
-    input_ids, attention_mask = sequences(batch)
-    logits = policy(input_ids, attention_mask, batch["response_ids"].shape[1], temperature)
-    return ppo.logprobs_from_logits(logits, batch["response_ids"])
-
-
 class ActorRole:
-    def __init__(self, spec: JobSpec, device: torch.device, sampling: SamplingSettings, timer: Timer, cluster):
+    def __init__(self, spec: JobSpec, device: torch.device, sampling: SamplingSettings, timer: Timer, cluster: Cluster):
         cfg = spec.model_configs.actor
         self.spec, self.sampling, self.timer, self.cluster = spec, sampling, timer, cluster
         self.model = load_causal_lm(cfg.model_path, cfg.torch_dtype, device)
@@ -33,11 +28,11 @@ class ActorRole:
         """Sample responses for this rank's prompts (all parameters gathered under ZeRO-3)."""
         with torch.no_grad(), self.trainer.gathered():
             return hf_generate(self.model, prompts["prompt_ids"], prompts["prompt_mask"], self.sampling,
-                               self.spec.rollout_config.actor_micro_bs, first_row, seed_of)
+                               self.spec.inference_micro_batch("generator"), first_row, seed_of)
 
     def logprobs(self, rollout: Batch) -> Tensor:
         fn = lambda b: policy_logprobs(self.trainer.module, b, self.sampling.temperature)  # noqa: E731
-        return in_micro_batches(fn, rollout, self.spec.repeater_config.actor_micro_bs)
+        return in_micro_batches(fn, rollout, self.spec.inference_micro_batch("actor"))
 
     def _loss(self, micro: Batch, num_seqs: int, num_tokens: int):
         input_ids, attention_mask = sequences(micro)
@@ -55,7 +50,7 @@ class ActorRole:
     def train(self, experience: Batch, seed: int) -> dict[str, float]:
         tc = self.spec.train_config
         stats = train_minibatches(
-            self.trainer, experience, self._loss, tc.ppo_minibatch, tc.actor_micro_bs, tc.ppo_epochs, seed, self.timer,
+            self.trainer, experience, self._loss, tc.ppo_minibatch, self.spec.train_micro_batch("actor"), tc.ppo_epochs, seed, self.timer,
             shard=self.cluster.shard_of("actor"), group=self.cluster.group("actor"),
         )
         entropy = stats.pop("entropy")
@@ -63,13 +58,4 @@ class ActorRole:
 
     def save_pretrained(self, directory: Path, tokenizer, is_writer: bool) -> None:
         """The policy as a Hugging Face folder (a collective under ZeRO-3)."""
-        save_inner_pretrained(self.trainer, self.model, directory, tokenizer, is_writer)
-
-
-def save_inner_pretrained(trainer, model, directory: Path, tokenizer, is_writer: bool) -> None:
-    state = trainer.full_state_dict()
-    if is_writer:
-        prefix = "model."
-        state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
-        model.save_pretrained(directory, state_dict=state)
-        tokenizer.save_pretrained(directory)
+        export_pretrained(self.trainer, self.model, directory, tokenizer, is_writer)

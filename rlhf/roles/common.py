@@ -4,21 +4,24 @@ the minibatch / micro-batch training loop."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from rlhf.config import JobSpec
+from rlhf import ppo
+from rlhf.core.config import JobSpec
 from rlhf.engine import DeepSpeedTrainer, TorchTrainer, deepspeed_config
-from rlhf.rollout import Batch, select
+from rlhf.protocols import Cluster, Trainer
+from rlhf.rollout import Batch, select, sequences
 from rlhf.timing import Timer
 
 # loss_fn(micro batch, minibatch sequence count, minibatch response-token count) -> (loss, stats)
 LossFn = Callable[[Batch, int, int], tuple[Tensor, dict[str, Tensor]]]
 
 
-def make_trainer(spec: JobSpec, role: str, module: torch.nn.Module, cluster, device: torch.device):
+def make_trainer(spec: JobSpec, role: str, module: torch.nn.Module, cluster: Cluster, device: torch.device) -> Trainer:
     """Plain torch in one process; DDP or DeepSpeed over the role's ranks otherwise."""
     cfg = spec.model_configs.roles()[role]
     kwargs = cfg.trainer_config.train_kwargs
@@ -27,10 +30,14 @@ def make_trainer(spec: JobSpec, role: str, module: torch.nn.Module, cluster, dev
         return TorchTrainer(module, kwargs)
     if cfg.trainer_config.parallel.data.mode == "ddp":
         return TorchTrainer(module, kwargs, group=group, device=device)
-    tc = spec.train_config
-    micro = tc.actor_micro_bs if role == "actor" else tc.critic_micro_bs
-    minibatch = tc.ppo_minibatch if role == "actor" else tc.value_minibatch
-    return DeepSpeedTrainer(module, kwargs, deepspeed_config(spec, role, cfg, micro, minibatch))
+    return DeepSpeedTrainer(module, kwargs, deepspeed_config(spec, role, cfg, spec.train_micro_batch(role), spec.train_minibatch(role)))
+
+
+def policy_logprobs(policy: torch.nn.Module, batch: Batch, temperature: float) -> Tensor:
+    """Log-probs [B, T] of the response tokens under ``policy`` (a PolicyModule) at ``temperature``."""
+    input_ids, attention_mask = sequences(batch)
+    logits = policy(input_ids, attention_mask, batch["response_ids"].shape[1], temperature)
+    return ppo.logprobs_from_logits(logits, batch["response_ids"])
 
 
 @torch.no_grad()
@@ -96,3 +103,14 @@ def _reduce_over_ranks(stats: dict[str, float], group, parts: int) -> dict[str, 
     values = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(values, group=group)
     return {k: float(v) if k == "loss" else float(v) / parts for k, v in zip(keys, values, strict=True)}
+
+
+def export_pretrained(trainer: Trainer, model: torch.nn.Module, directory: Path, tokenizer, is_writer: bool) -> None:
+    """A trained model as a Hugging Face folder with its tokenizer (a collective under ZeRO-3:
+    every rank of the role calls it; ``is_writer`` writes)."""
+    state = trainer.full_state_dict()
+    if is_writer:
+        prefix = "model."
+        state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+        model.save_pretrained(directory, state_dict=state)
+        tokenizer.save_pretrained(directory)

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from rlhf.config import JobSpec
+from rlhf.core.config import JobSpec
 from rlhf.models import load_causal_lm
 from rlhf.rollout import Batch, SamplingSettings, hf_generate
 from rlhf.weight_sync import receive_weights
@@ -22,7 +22,7 @@ class HFGeneratorRole:
 
     def generate(self, prompts: Batch, first_row: int, seed_of) -> Batch:
         return hf_generate(self.model, prompts["prompt_ids"], prompts["prompt_mask"], self.sampling,
-                           self.spec.rollout_config.actor_micro_bs, first_row, seed_of)
+                           self.spec.inference_micro_batch("generator"), first_row, seed_of)
 
     @torch.no_grad()
     def load(self, named: Iterable[tuple[str, Tensor]]) -> None:

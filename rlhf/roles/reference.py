@@ -5,10 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rlhf.config import JobSpec
+from rlhf.core.config import JobSpec
 from rlhf.models import PolicyModule, load_causal_lm
-from rlhf.roles.actor import policy_logprobs
-from rlhf.roles.common import in_micro_batches
+from rlhf.roles.common import in_micro_batches, policy_logprobs
 from rlhf.rollout import Batch
 
 
@@ -20,4 +19,4 @@ class ReferenceRole:
 
     def logprobs(self, rollout: Batch) -> Tensor:
         fn = lambda b: policy_logprobs(self.policy, b, self.temperature)  # noqa: E731
-        return in_micro_batches(fn, rollout, self.spec.repeater_config.ref_micro_bs)
+        return in_micro_batches(fn, rollout, self.spec.inference_micro_batch("reference"))

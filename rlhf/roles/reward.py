@@ -7,7 +7,7 @@ import importlib
 import torch
 from torch import Tensor
 
-from rlhf.config import JobSpec
+from rlhf.core.config import JobSpec
 from rlhf.models import load_value_model, sequence_scores
 from rlhf.roles.common import in_micro_batches
 from rlhf.rollout import Batch, sequences
@@ -36,7 +36,7 @@ class RewardRole:
         if self.function is not None:
             return self._function_scores(rollout)
         fn = lambda b: sequence_scores(self.model, *sequences(b))  # noqa: E731
-        return in_micro_batches(fn, rollout, self.spec.rollout_config.reward_micro_bs)
+        return in_micro_batches(fn, rollout, self.spec.inference_micro_batch("reward"))
 
     def _function_scores(self, rollout: Batch) -> Tensor:
         decode = lambda ids, mask: [self.tokenizer.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(ids, mask, strict=False)]  # noqa: E731

@@ -22,9 +22,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from launcher import memory
-from launcher.model_shape import model_shape
-from rlhf.config import JobSpec
+from rlhf.core import memory
+from rlhf.core.config import JobSpec
+from rlhf.core.model_shape import model_shape
 from rlhf.rollout import Batch, SamplingSettings, rollout_batch
 from rlhf.weight_sync import receive_stream
 

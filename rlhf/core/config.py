@@ -369,7 +369,34 @@ class JobSpec:
     tokenizer_config: TokenizerConfig = section(TokenizerConfig, "Tokenizer overrides.")
 
     def to_dict(self) -> dict[str, Any]:
+        """The spec as plain data, the shape YAML and JSON Schema describe."""
         return dataclasses.asdict(self)
+
+    # Three keys are named ``actor_micro_bs`` and mean three things; these methods say which
+    # one a role uses, so that no other module works it out again.
+    def train_micro_batch(self, role: str) -> int:
+        """Sequences per forward/backward on each rank of a trained role (actor or critic):
+        ``train_config.<role>_micro_bs``, else the role's ``train_kwargs.micro_bsz``, else 1."""
+        explicit = getattr(self.train_config, f"{role}_micro_bs")
+        if explicit is not None:
+            return explicit
+        kwargs = self.model_configs.roles()[role].trainer_config.train_kwargs
+        return kwargs.micro_bsz if kwargs is not None and kwargs.micro_bsz is not None else 1
+
+    def train_minibatch(self, role: str) -> int:
+        """Sequences per optimizer step of a trained role, over all of its data-parallel ranks."""
+        return self.train_config.ppo_minibatch if role == "actor" else self.train_config.value_minibatch
+
+    def inference_micro_batch(self, role: str) -> int:
+        """Sequences per forward pass when a role scores a rollout; for the generator, prompts
+        per generate call."""
+        return {
+            "generator": self.rollout_config.actor_micro_bs,
+            "actor": self.repeater_config.actor_micro_bs,
+            "reference": self.repeater_config.ref_micro_bs,
+            "critic": self.repeater_config.critic_micro_bs,
+            "reward": self.rollout_config.reward_micro_bs,
+        }[role]
 
 
 def field_doc(f: dataclasses.Field) -> str:

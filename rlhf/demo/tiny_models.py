@@ -1,6 +1,6 @@
 """Build tiny, offline, deterministic models for tests and smoke runs.
 
-    python -m rlhf.tiny_models [--out DIR] [--force]
+    python -m rlhf.demo.tiny_models [--out DIR] [--force]
 
 DIR (default ``build/tiny`` in the repository) receives:
 
@@ -37,11 +37,11 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from rlhf.demo.staged_dir import build_once, command_line
 from rlhf.rewards import vowel_score
-from rlhf.staged_dir import build_once, command_line
 
 RECIPE_VERSION = "tiny-models-1"
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT_DIR = REPO_ROOT / "build" / "tiny"
 PROMPTS_FILE = REPO_ROOT / "data" / "prompts" / "tiny_prompts.jsonl"
 

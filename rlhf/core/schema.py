@@ -11,7 +11,7 @@ import typing
 from collections.abc import Iterator
 from typing import Any, Literal, Union
 
-from rlhf import config
+from rlhf.core import config
 
 SCHEMA_ID = "https://rlhf-launch.dev/schemas/rlhf_job.schema.json"
 _JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string"}

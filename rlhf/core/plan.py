@@ -11,11 +11,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from launcher import memory
-from launcher.checks import micro_batch
-from launcher.model_shape import model_shape
-from launcher.problems import Problem, error, warning
-from rlhf.config import JobSpec
+from rlhf.core import memory
+from rlhf.core.config import JobSpec
+from rlhf.core.model_shape import model_shape
+from rlhf.core.problems import Problem, error, warning
 
 COMPONENTS = (("trainer", ("actor", "critic")), ("inference", ("reference", "reward")), ("generator", ("generator",)))
 
@@ -177,7 +176,7 @@ def build_plan(spec: JobSpec) -> Plan:
 
 def _estimate_memory(spec: JobSpec, roles: dict[str, RolePlan], problems: list[Problem]) -> None:
     models = spec.model_configs.roles()
-    rc, limit = spec.repeater_config, spec.slurm.gpu_memory_gb
+    limit = spec.slurm.gpu_memory_gb
     for name, role in roles.items():
         model = models["actor" if name == "generator" else name]
         if role.gpus == 0 and name == "reward":
@@ -187,11 +186,11 @@ def _estimate_memory(spec: JobSpec, roles: dict[str, RolePlan], problems: list[P
             continue
         role.size_source = shape.source
         if name in ("actor", "critic"):
-            role.memory = memory.training(model, shape, spec, micro_batch(spec, name), logits=name == "actor")
+            role.memory = memory.training(model, shape, spec, spec.train_micro_batch(name), logits=name == "actor")
         elif name == "reference":
-            role.memory = memory.inference(model, shape, spec, rc.ref_micro_bs, logits=True)
+            role.memory = memory.inference(model, shape, spec, spec.inference_micro_batch("reference"), logits=True)
         elif name == "reward":
-            role.memory = memory.inference(model, shape, spec, spec.rollout_config.reward_micro_bs, logits=False)
+            role.memory = memory.inference(model, shape, spec, spec.inference_micro_batch("reward"), logits=False)
         elif not role.shared_with:
             role.memory = memory.generator(model, shape, spec)
         budget = limit * (model.generator_config.gpu_memory_utilization if name == "generator" and model.generator_config.generator_type == "vllm" else 1)
