@@ -373,7 +373,8 @@ def print_results(ours: dict, trl: dict[str, dict]) -> None:
     print(f"  {'orchestration overhead':<38}{overhead:>9.4f} s {pct:>6.1f} %   target <= {TARGET_OVERHEAD_PCT:g} %: {verdict}")
     print(f"    {'in the training loop':<36}{ours['overhead_train_loop']:>9.4f} s {100 * ours['overhead_train_loop'] / step:>6.1f} %")
     print(
-        f"    {'outside it (prompts, experience)':<36}{ours['overhead_outside_train']:>9.4f} s {100 * ours['overhead_outside_train'] / step:>6.1f} %"
+        f"    {'outside it (prompts, experience)':<36}{ours['overhead_outside_train']:>9.4f} s"
+        f" {100 * ours['overhead_outside_train'] / step:>6.1f} %"
     )
     print(
         f"  (median per-step overhead {ours['overhead_median']:.4f} s; engine setup {ours['setup_s']:.2f} s, not timed; "

@@ -3,7 +3,8 @@
 Two processes (actor rank 0 and one generator rank) on this machine, gloo on CPU or NCCL
 on two GPUs, the same PeerGroup the training job uses. Prints, from one run:
   raw        one broadcast of a flat buffer holding every parameter's bytes (the ceiling)
-  rlhf sync  rlhf.weight_sync: large tensors straight from and into parameters, small ones in buckets
+  rlhf sync  rlhf.weight_sync: chunk by chunk (one per decoder layer, as a ZeRO-3 actor gathers and
+             sends them), large tensors straight from and into parameters, small ones in buckets
   per-tensor one broadcast per parameter (what bucketing avoids)
 Target: rlhf sync >= 90 % of raw throughput.
 
@@ -55,14 +56,17 @@ def start_engine(model_dir: str):
                enforce_eager=True, max_model_len=128, kv_cache_memory_bytes=64 << 20)
 
 
-def timed(fn, group: PeerGroup, repeats: int) -> list[float]:
-    times = []
+def timed(runs, group: PeerGroup, repeats: int) -> dict[str, list[float]]:
+    """Seconds of each of ``runs`` ((name, fn) pairs), ``repeats`` times each, taken in turns: on a
+    shared machine, load that comes and goes then weighs on every variant alike."""
+    times: dict[str, list[float]] = {name: [] for name, _ in runs}
     for _ in range(repeats):
-        group.barrier()
-        start = time.perf_counter()
-        fn()
-        group.barrier()
-        times.append(time.perf_counter() - start)
+        for name, fn in runs:
+            group.barrier()
+            start = time.perf_counter()
+            fn()
+            group.barrier()
+            times[name].append(time.perf_counter() - start)
     return times
 
 
@@ -108,7 +112,7 @@ def worker(rank: int, port: int, args, results_file: str) -> None:
         for fn in (raw, into_engine, transfer_only, load_only):  # warm-up
             fn()
         runs = (("raw", raw), ("rlhf sync", into_engine), ("transfer", transfer_only), ("load only", load_only))
-        measured = {name: timed(fn, group, args.repeats) for name, fn in runs}
+        measured = timed(runs, group, args.repeats)
         if rank == 0:
             Path(results_file).write_text(json.dumps({"measured": measured, "bytes": total * flat.element_size(), "params": len(named)}))
         group.barrier()
@@ -128,7 +132,7 @@ def worker(rank: int, port: int, args, results_file: str) -> None:
 
     for fn in (raw, bucketed, per_tensor):  # warm-up: connections, allocations
         fn()
-    measured = {name: timed(fn, group, args.repeats) for name, fn in (("raw", raw), ("rlhf sync", bucketed), ("per-tensor", per_tensor))}
+    measured = timed((("raw", raw), ("rlhf sync", bucketed), ("per-tensor", per_tensor)), group, args.repeats)
     if rank == 0:
         Path(results_file).write_text(json.dumps({"measured": measured, "bytes": total * flat.element_size(), "params": len(named)}))
     group.barrier()

@@ -10,6 +10,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +26,7 @@ Run an RLHF-PPO job from a YAML spec.
   rlhf-launch SPEC --dry-run          print the resource plan and the sbatch script
   rlhf-launch SPEC --partition gpu    submit one heterogeneous Slurm job
   rlhf-launch SPEC --local            train on this machine (add --resume to continue a run)
+  rlhf-launch SPEC --check            check the data, models, tokenizer and reward function, then stop
   rlhf-launch plot RUN_DIR            draw reward and KL over steps into RUN_DIR/curves.png
   rlhf-launch status RUN_DIR|JOB_ID   state per component, last metrics, logs
   rlhf-launch cancel RUN_DIR|JOB_ID   cancel the Slurm job
@@ -44,6 +46,16 @@ def _main_parser() -> argparse.ArgumentParser:
     mode.add_argument("--dry-run", action="store_true", help="print the plan and the sbatch script; submit nothing")
     mode.add_argument("--json", action="store_true", help="with --dry-run: print one JSON object (plan and script)")
     mode.add_argument("--local", action="store_true", help="train on this machine, no Slurm (CPU or the local GPUs)")
+    mode.add_argument(
+        "--check", action="store_true",
+        help="check every input the run reads (data, models, tokenizer, reward function, --resume, output folder), "
+        "then stop; with --local, as for a run on this machine",
+    )
+    mode.add_argument("--no-check", action="store_true", help="skip the checks that run before --local and before submission")
+    mode.add_argument(
+        "--processes", action="store_true",
+        help="with --local: one process per rank even when the whole job fits in one process",
+    )
     mode.add_argument(
         "--resume", nargs="?", const="auto", metavar="auto|PATH",
         help="continue the run from its latest complete checkpoint (auto, the default) or from a checkpoint PATH",
@@ -83,10 +95,12 @@ def _report(exc: SpecError) -> int:
 
 
 def run_dir_of(spec) -> str:
+    """The spec's run folder, absolute: run.output_dir/run.name."""
     return os.path.abspath(os.path.join(spec.run.output_dir, spec.run.name))
 
 
 def main_spec(argv: Sequence[str]) -> int:
+    """``rlhf-launch SPEC ...``: validate the spec, then show the plan, train here, or submit to Slurm."""
     from launcher.render import JobFiles, RenderError, render_sbatch
     from launcher.spec import load_spec
 
@@ -106,6 +120,12 @@ def main_spec(argv: Sequence[str]) -> int:
     if args.json and not args.dry_run:
         print("rlhf-launch: --json goes with --dry-run", file=sys.stderr)
         return EXIT_BAD_SPEC
+    if args.processes and not args.local:
+        print("rlhf-launch: --processes goes with --local", file=sys.stderr)
+        return EXIT_BAD_SPEC
+    if args.check and (args.dry_run or args.no_check):
+        print(f"rlhf-launch: --check goes without {'--dry-run' if args.dry_run else '--no-check'}", file=sys.stderr)
+        return EXIT_BAD_SPEC
     if args.dry_run:
         if args.json:
             print(json.dumps({**loaded.plan.to_json(), "run_dir": files.run_dir, "sbatch": script}, indent=2))
@@ -115,13 +135,50 @@ def main_spec(argv: Sequence[str]) -> int:
             print(plan_table(loaded.plan, loaded.spec.slurm.gpu_memory_gb))
             print(script, end="")
         return 0
+    if not args.no_check:
+        status = run_preflight(loaded, Path(files.run_dir), args.resume, args.local, args.check)
+        if status is not None or args.check:
+            return status or 0
     if args.local:
         missing = local_gaps(loaded.spec)
         if missing:
             print(f"rlhf-launch: {missing}", file=sys.stderr)
             return EXIT_BAD_SPEC
-        return run_here(loaded, Path(files.run_dir), args.resume)
-    return submit_here(loaded, files, args.resume)
+    from rlhf.provenance import LAUNCH_COMMAND_ENV
+
+    # The ranks record it in RUN_DIR/provenance.json (on Slurm, sbatch passes this environment on).
+    saved = os.environ.get(LAUNCH_COMMAND_ENV)
+    os.environ[LAUNCH_COMMAND_ENV] = shlex.join(["rlhf-launch", *argv])
+    try:
+        if args.local:
+            return run_here(loaded, Path(files.run_dir), args.resume, processes=args.processes)
+        return submit_here(loaded, files, args.resume)
+    finally:
+        if saved is None:
+            os.environ.pop(LAUNCH_COMMAND_ENV, None)
+        else:
+            os.environ[LAUNCH_COMMAND_ENV] = saved
+
+
+def run_preflight(loaded, run_dir: Path, resume: str | None, local: bool, verbose: bool) -> int | None:
+    """Check every input the run reads (launcher/preflight.py) and report the problems, one line each.
+    Returns EXIT_BAD_SPEC when any is an error, else None; ``verbose`` (--check) also says what was checked."""
+    from launcher.preflight import preflight
+
+    found = preflight(loaded.spec, run_dir, resume, local)
+    for problem in found.problems:
+        print(problem.format(loaded.source), file=sys.stderr)
+    errors = sum(p.severity == "error" for p in found.problems)
+    if errors:
+        print(f"{loaded.source}: {errors} error{'s' if errors != 1 else ''} in the run's inputs; nothing was run", file=sys.stderr)
+        return EXIT_BAD_SPEC
+    if verbose:
+        for note in found.notes:
+            print(f"checked: {note}")
+        warnings = len(found.problems)
+        target = "a run on this machine" if local else "a Slurm job"
+        print(f"{loaded.source}: ready for {target}" + (f" ({warnings} warning{'s' if warnings != 1 else ''})" if warnings else ""))
+    return None
 
 
 def local_gaps(spec, find_module=importlib.util.find_spec) -> str | None:
@@ -146,10 +203,19 @@ def submit_here(loaded, files, resume: str | None) -> int:
     from launcher.submit import SlurmError, submit
 
     run_dir = Path(files.run_dir)
-    problem = prepare_run_dir(run_dir, loaded.spec, resume)
+    problem = run_dir_in_use(run_dir) or prepare_run_dir(run_dir, loaded.spec, resume)
     if problem:
         print(f"rlhf-launch: {problem}", file=sys.stderr)
         return EXIT_BAD_SPEC
+    if resume is not None:
+        from rlhf.checkpoint import CheckpointError, resolve_resume
+
+        try:
+            # The job resolves --resume again when it starts: a checkpoint written meanwhile wins.
+            print(f"rlhf-launch: {start_line(loaded, run_dir, resume, resolve_resume(run_dir, resume))} on Slurm")
+        except CheckpointError as exc:
+            print(f"rlhf-launch: {exc}", file=sys.stderr)
+            return EXIT_BAD_SPEC
     script = render_sbatch(loaded.spec, loaded.plan, JobFiles(files.run_dir, files.python, resume or ""))
     try:
         job_id = submit(script, run_dir)
@@ -178,32 +244,92 @@ def prepare_run_dir(run_dir: Path, spec, resume: str | None) -> str | None:
     return None
 
 
-def run_here(loaded, run_dir: Path, resume: str | None) -> int:
-    problem = prepare_run_dir(run_dir, loaded.spec, resume)
+def run_dir_in_use(run_dir: Path) -> str | None:
+    """Why the run folder cannot take another run now (a live run holds its lock), or None.
+
+    Only checks: the run started next takes the lock itself (rlhf/run_lock.py)."""
+    from rlhf.run_lock import RunLocked, holder
+
+    found = holder(run_dir)
+    if found is None:
+        return None
+    return (
+        f"{RunLocked(run_dir, found)}; wait for it to end or stop it, "
+        "or start another run with --set run.name=NEW or --output-dir DIR"
+    )
+
+
+def start_line(loaded, run_dir: Path, resume: str | None, checkpoint: Path | None) -> str:
+    """What the launcher is about to do, for its first line: a fresh start, or the checkpoint and
+    step a resumed run continues from."""
+    name, total = loaded.spec.run.name, loaded.spec.train_config.max_train_step
+    if checkpoint is not None:
+        from rlhf.checkpoint import checkpoint_step
+
+        return f"resuming {name} from {checkpoint} (step {checkpoint_step(checkpoint)} of {total})"
+    if resume is not None:
+        return f"training {name} from the start (no complete checkpoint in {run_dir} yet)"
+    return f"training {name}"
+
+
+def run_here(loaded, run_dir: Path, resume: str | None, processes: bool = False) -> int:
+    """Train on this machine: in this process when the plan allows it and ``processes`` is not
+    asked for, else one process per rank (launcher/local.py). Returns the exit status."""
+    problem = run_dir_in_use(run_dir) or prepare_run_dir(run_dir, loaded.spec, resume)
     if problem:
         print(f"rlhf-launch: {problem}", file=sys.stderr)
         return EXIT_BAD_SPEC
-    from launcher.local import run_local_ranks
+    from launcher.local import gpu_shortage, local_gpus, one_process_blocker, one_process_threads, run_in_process, run_local_ranks
     from rlhf.checkpoint import CheckpointError, resolve_resume
 
     try:
-        resolve_resume(run_dir, resume)  # a bad --resume is reported here, before any process starts
+        checkpoint = resolve_resume(run_dir, resume)  # a bad --resume is reported here, before any process starts
     except CheckpointError as exc:
         print(f"rlhf-launch: {exc}", file=sys.stderr)
         return EXIT_BAD_SPEC
     plan = loaded.plan
-    print(f"rlhf-launch: training {loaded.spec.run.name} here with {plan.world_size} processes; run folder {run_dir}", file=sys.stderr)
+    blocker = None if processes else one_process_blocker(loaded.spec, plan)
+    gpus = local_gpus(loaded.spec) if processes or blocker else 0
+    shortage = gpu_shortage(plan, gpus)
+    if shortage:
+        print(f"rlhf-launch: {shortage}", file=sys.stderr)
+        return EXIT_BAD_SPEC
+    if processes or blocker:
+        how = f"with {plan.world_size} process{'es' if plan.world_size != 1 else ''} ({'--processes' if processes else blocker})"
+    else:
+        threads = one_process_threads(loaded.spec)
+        how = f"in one process ({threads} CPU thread{'s' if threads != 1 else ''})"
+    print(f"rlhf-launch: {start_line(loaded, run_dir, resume, checkpoint)} here {how}; run folder {run_dir}", file=sys.stderr, flush=True)
+    from rlhf.run_lock import RunLocked
+
     try:
-        status = run_local_ranks(plan, run_dir / "spec.yaml", run_dir, resume)
+        if processes or blocker:
+            status = run_local_ranks(plan, run_dir / "spec.yaml", run_dir, resume, on_gpus=gpus > 0)
+        else:
+            status = run_in_process(loaded.spec, run_dir, resume, threads)
     except KeyboardInterrupt:
         print(f"rlhf-launch: interrupted; continue with --resume (run folder {run_dir})", file=sys.stderr)
         return 130
+    except RunLocked as exc:  # another run took the folder since the check above
+        print(f"rlhf-launch: {exc}", file=sys.stderr)
+        return EXIT_BAD_SPEC
+    except Exception as exc:  # noqa: BLE001 - the one-process run failed: one line, then a bug's traceback
+        import traceback
+
+        from rlhf.core.problems import InputError
+
+        what = str(exc) if isinstance(exc, InputError) else f"{type(exc).__name__}: {exc}"
+        print(f"rlhf-launch: training failed: {what} (run folder {run_dir})", file=sys.stderr, flush=True)
+        if not isinstance(exc, InputError):  # an unusable input says all in its line; anything else is a bug
+            traceback.print_exception(exc)
+        return 1
     if status == 0:
         print(f"rlhf-launch: done; metrics in {run_dir / 'metrics.jsonl'}, final models in {run_dir / 'final'}", file=sys.stderr)
     return status
 
 
 def main_convert(argv: Sequence[str]) -> int:
+    """``rlhf-launch convert CONFIG.py``: an XTuner-RLHF config as a spec on stdout, then validated."""
     p = argparse.ArgumentParser(
         prog="rlhf-launch convert",
         description="Convert an XTuner-RLHF Python config to a YAML spec on stdout, then validate it. "
@@ -231,6 +357,7 @@ def main_convert(argv: Sequence[str]) -> int:
 
 
 def main_schema(argv: Sequence[str]) -> int:
+    """``rlhf-launch schema [--check]``: regenerate (or check) the JSON Schema and the README reference."""
     p = argparse.ArgumentParser(
         prog="rlhf-launch schema",
         description="Regenerate schemas/rlhf_job.schema.json and the README's spec key reference from the config dataclasses.",
@@ -250,6 +377,7 @@ def main_schema(argv: Sequence[str]) -> int:
 
 
 def main_job(command: str, argv: Sequence[str]) -> int:
+    """``rlhf-launch status|cancel RUN_DIR|JOB_ID``."""
     what = {"status": "state of each component, the last metrics line and where the logs are", "cancel": "cancel the job"}
     p = argparse.ArgumentParser(prog=f"rlhf-launch {command}", description=f"Slurm job of a run: {what[command]}.")
     p.add_argument("target", metavar="RUN_DIR_OR_JOB_ID")
@@ -268,6 +396,7 @@ def main_job(command: str, argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``rlhf-launch`` command: a subcommand, or a spec to run."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in COMMANDS:
         if argv[0] == "plot":

@@ -23,7 +23,7 @@ _DTYPE_ALIASES = {"half": "float16", "float": "float32"}
 
 
 class ConvertError(Exception):
-    pass
+    """An XTuner config that cannot be converted into a spec; the message says why."""
 
 
 class _Dtype:
@@ -72,6 +72,7 @@ def _move_trainer_dtype(models: dict) -> None:
 
 
 def run_name(path: Path) -> str:
+    """``run.name`` for a config file: its stem, '_' for characters a run name cannot hold, at most 64 long."""
     return re.sub(r"[^A-Za-z0-9._-]", "_", path.stem)[:64] or "rlhf"
 
 
@@ -113,4 +114,5 @@ def convert_file(path: str | Path) -> dict[str, Any]:
 
 
 def to_yaml(spec: dict[str, Any]) -> str:
+    """A spec dict as YAML text, keys in their given order."""
     return yaml_io.dump(spec)

@@ -30,6 +30,8 @@ def _default(value: object) -> str:
 
 
 def reference_markdown() -> str:
+    """The README's key reference: for each top-level section a heading, its meaning and a table of its
+    keys (type, default, meaning)."""
     lines: list[str] = []
     for key in schema.iter_keys():
         depth = key.path.count(".")
@@ -43,6 +45,8 @@ def reference_markdown() -> str:
 
 
 def readme_text(current: str) -> str:
+    """``current`` README text with the part between the reference markers replaced by the generated
+    reference; ValueError when a marker is missing."""
     head, sep, rest = current.partition(START)
     if not sep:
         raise ValueError(f"{README} lacks the marker {START}")
@@ -53,14 +57,17 @@ def readme_text(current: str) -> str:
 
 
 def expected_files() -> dict[Path, str]:
+    """Each generated file's path and the text it must have."""
     return {SCHEMA_FILE: schema.schema_text(), README: readme_text(README.read_text())}
 
 
 def stale_files() -> list[Path]:
+    """Generated files that are missing or differ from what the config dataclasses give."""
     return [path for path, text in expected_files().items() if not path.exists() or path.read_text() != text]
 
 
 def write_all() -> list[Path]:
+    """Rewrite the stale generated files; returns the paths written."""
     written = []
     for path, text in expected_files().items():
         if not path.exists() or path.read_text() != text:

@@ -1,7 +1,12 @@
-"""``rlhf-launch SPEC --local``: every rank of the plan as a process on this machine, with the
-environment the sbatch script gives them on Slurm (rlhf/dist.py reads it). Global rank 0's
-output goes to this terminal; the others' to RUN_DIR/logs. When one process fails, the others
-are stopped and the failed role and rank are named.
+"""``rlhf-launch SPEC --local``: the job on this machine.
+
+When the plan allows it (``one_process_blocker``), the whole job runs in the launcher's own
+process (the ``SingleProcess`` cluster): one import of torch and the models instead of one per
+rank. Otherwise, or with ``--processes``, every rank of the plan is a process on this machine,
+with the environment the sbatch script gives them on Slurm (rlhf/dist.py reads it). Global rank
+0's output goes to this terminal; the others' to RUN_DIR/logs. When one process fails, the others
+are stopped and the failed role and rank are named; when the launcher dies, the ranks follow it
+(rlhf/worker.py's LauncherGuard).
 """
 
 from __future__ import annotations
@@ -12,35 +17,46 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf.core.plan import Plan
+from rlhf.worker import LAUNCHER_FD_ENV, LAUNCHER_PID_ENV
 
 STOP_GRACE_S = 10
 
 
 @dataclass
 class RankProcess:
+    """One started rank: its place in the plan, its process and its log (None: this terminal)."""
+
     rank: int
     role: str
     role_rank: int
     process: subprocess.Popen
     log: Path | None
+    # Write end of the pipe the rank watches (rlhf/worker.py): open for as long as this launcher lives.
+    link: int | None = None
 
     @property
     def name(self) -> str:
+        """'critic rank 0 (global rank 1)'."""
         return f"{self.role} rank {self.role_rank} (global rank {self.rank})"
 
 
 def free_port() -> int:
+    """A TCP port free on this machine now, for the rendezvous."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def rank_environments(plan: Plan, port: int, threads: int) -> list[dict[str, str]]:
-    """What Slurm and the sbatch script set for each task, as strings, by global rank."""
+def rank_environments(plan: Plan, port: int, threads: int, one_machine: bool = False) -> list[dict[str, str]]:
+    """What Slurm and the sbatch script set for each task, as strings, by global rank.
+
+    ``one_machine``: every rank on this machine's GPUs, so local ranks (the GPU each takes) are
+    numbered over the whole machine; per component they would restart at 0 and share GPUs."""
     envs = []
     for comp in plan.components:
         for task in range(comp.gpus):
@@ -51,31 +67,104 @@ def rank_environments(plan: Plan, port: int, threads: int) -> list[dict[str, str
                 "RLHF_HET_GROUP": str(comp.index),
                 "RLHF_RANK_OFFSET": str(comp.first_rank),
                 "SLURM_PROCID": str(task),
-                "SLURM_LOCALID": str(task % comp.gpus_per_node),
+                "SLURM_LOCALID": str(comp.first_rank + task if one_machine else task % comp.gpus_per_node),
                 "SLURM_NTASKS": str(comp.gpus),
                 "OMP_NUM_THREADS": str(threads),
             })
     return envs
 
 
-def start_ranks(plan: Plan, spec_file: Path, run_dir: Path, resume: str | None, rank0_to_terminal: bool = True) -> list[RankProcess]:
+def one_process_blocker(spec, plan: Plan, cuda_available: Callable[[], bool] | None = None) -> str | None:
+    """Why the job needs a process per rank, or None when one process can run every role.
+
+    One process runs one rank per role, without DeepSpeed (its engines take the whole default
+    process group) and without vLLM (its CPU build changes process-wide thread settings); and on
+    a machine with GPUs the ranks keep a GPU each rather than sharing one."""
+    several = [r.name for r in plan.roles if r.gpus > 1]
+    if several:
+        return f"{', '.join(several)} {'runs' if len(several) == 1 else 'run'} on several ranks"
+    deepspeed = [name for name, model in spec.model_configs.roles().items() if model.trainer_config.parallel.data.mode == "deepspeed"]
+    if deepspeed:
+        return f"{', '.join(deepspeed)} {'uses' if len(deepspeed) == 1 else 'use'} DeepSpeed"
+    gen = spec.model_configs.actor.generator_config
+    if not gen.shared_with_trainer and gen.generator_type == "vllm":
+        return "the generator is vLLM"
+    if plan.world_size > 1 and spec.run.device != "cpu" and (spec.run.device == "cuda" or (cuda_available or _cuda_available)()):
+        return "each rank gets a GPU of its own"
+    return None
+
+
+def local_gpus(spec, device_count: Callable[[], int] | None = None) -> int:
+    """GPUs the ranks of a local run will use: 0 for a CPU run (run.device cpu, or auto without CUDA)."""
+    if spec.run.device == "cpu":
+        return 0
+    if device_count is None:
+        import torch
+
+        device_count = torch.cuda.device_count
+    return device_count()
+
+
+def gpu_shortage(plan: Plan, gpus: int) -> str | None:
+    """Why a local run on GPUs cannot start: more ranks than GPUs (each rank takes one of its own)."""
+    if gpus and plan.world_size > gpus:
+        return (
+            f"the plan has {plan.world_size} ranks, one GPU each, but this machine has {gpus} GPU(s); "
+            "use a smaller layout (data sizes), or --set run.device=cpu"
+        )
+    return None
+
+
+def _cuda_available() -> bool:
+    import torch  # only for run.device auto; the one-process run imports it next anyway
+
+    return torch.cuda.is_available()
+
+
+def start_ranks(
+    plan: Plan, spec_file: Path, run_dir: Path, resume: str | None, rank0_to_terminal: bool = True, on_gpus: bool = False
+) -> list[RankProcess]:
+    """Start one ``rlhf.worker`` process per rank, each in a session of its own and tied to this
+    process by a pipe: the ranks exit when this process is gone (see rlhf/worker.py)."""
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // plan.world_size)
     command = [sys.executable, "-m", "rlhf.worker", "--spec", str(spec_file)] + (["--resume", resume] if resume else [])
+    # os.pipe's ends are not inherited: each rank gets only the read end (pass_fds), so the write
+    # end stays with this process alone and closes when it dies, however it dies.
+    read_end, write_end = os.pipe()
+    link = {LAUNCHER_FD_ENV: str(read_end), LAUNCHER_PID_ENV: str(os.getpid())}
     procs = []
-    for rank, env in enumerate(rank_environments(plan, free_port(), threads)):
-        role, role_rank = plan.role_of_rank(rank)
-        log = None if rank == 0 and rank0_to_terminal else logs / f"local-rank{rank}-{role}{role_rank}.log"
-        out = None if log is None else open(log, "w")
-        process = subprocess.Popen(command, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT if out else None, start_new_session=True)
-        if out:
-            out.close()
-        procs.append(RankProcess(rank, role, role_rank, process, log))
+    try:
+        for rank, env in enumerate(rank_environments(plan, free_port(), threads, one_machine=on_gpus)):
+            role, role_rank = plan.role_of_rank(rank)
+            log = None if rank == 0 and rank0_to_terminal else logs / f"local-rank{rank}-{role}{role_rank}.log"
+            out = None if log is None else open(log, "w")
+            process = subprocess.Popen(
+                command, env={**os.environ, **env, **link}, stdout=out, stderr=subprocess.STDOUT if out else None,
+                start_new_session=True, pass_fds=(read_end,),
+            )
+            if out:
+                out.close()
+            procs.append(RankProcess(rank, role, role_rank, process, log, write_end))
+    except BaseException:
+        os.close(write_end)  # the ranks already started see EOF and exit
+        raise
+    finally:
+        os.close(read_end)
     return procs
 
 
+def release_ranks(procs: list[RankProcess]) -> None:
+    """Close the pipe to the ranks: any that still run exit (when the job is over, none does)."""
+    for fd in {p.link for p in procs if p.link is not None}:
+        os.close(fd)
+    for p in procs:
+        p.link = None
+
+
 def stop(procs: list[RankProcess]) -> None:
+    """SIGTERM every rank still running (its whole session), SIGKILL what is left after STOP_GRACE_S."""
     for p in procs:
         if p.process.poll() is None:
             os.killpg(p.process.pid, signal.SIGTERM)
@@ -111,14 +200,14 @@ def monitor(procs: list[RankProcess]) -> int:
 
 
 class Terminated(Exception):
-    pass
+    """The launcher received SIGTERM or SIGHUP."""
 
 
 def _raise_terminated(signum, frame):
     raise Terminated(signal.Signals(signum).name)
 
 
-def run_local_ranks(plan: Plan, spec_file: Path, run_dir: Path, resume: str | None) -> int:
+def run_local_ranks(plan: Plan, spec_file: Path, run_dir: Path, resume: str | None, on_gpus: bool = False) -> int:
     """Start every rank and wait; being terminated terminates the ranks too (they run in
     sessions of their own, so that a Ctrl-C reaches only this process, which stops them)."""
     previous = {sig: signal.signal(sig, _raise_terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
@@ -131,12 +220,51 @@ def run_local_ranks(plan: Plan, spec_file: Path, run_dir: Path, resume: str | No
 
     previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, forward_notice)
     try:
-        procs = start_ranks(plan, spec_file, run_dir, resume)
+        procs = start_ranks(plan, spec_file, run_dir, resume, on_gpus=on_gpus)
         return monitor(procs)
     except Terminated as exc:
         stop(procs)
         print(f"rlhf-launch: {exc}: stopped every rank", file=sys.stderr)
         return 143
     finally:
+        release_ranks(procs)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def one_process_threads(spec, env=os.environ) -> int:
+    """CPU threads of a one-process run: OMP_NUM_THREADS when set, else what one rank gets on
+    Slurm (slurm.cpus_per_gpu), within this machine's cores. The roles take turns, so one rank's
+    share suffices; more threads than cores the process really gets only spin against each other
+    (on a busy 2-core machine, a tiny spec's step took 6-15 s with 2 threads, 0.5 s with 1)."""
+    if env.get("OMP_NUM_THREADS", "").isdigit() and int(env["OMP_NUM_THREADS"]) > 0:
+        return int(env["OMP_NUM_THREADS"])
+    return max(1, min(os.cpu_count() or 1, spec.slurm.cpus_per_gpu))
+
+
+def run_in_process(spec, run_dir: Path, resume: str | None, threads: int | None = None) -> int:
+    """Run the whole job in this process (every role, the ``SingleProcess`` cluster), with
+    ``threads`` CPU threads (default: ``one_process_threads``).
+
+    SIGUSR1 is a preemption notice as on Slurm (checkpoint after this step, then stop); SIGTERM
+    and SIGHUP stop the run with its status recorded as failed."""
+    import torch
+
+    from rlhf.loop import run
+    from rlhf.preemption import PreemptionNotice
+
+    # Restored afterwards, as the signal handlers are: a caller such as a test process lives on.
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads or one_process_threads(spec))
+    previous = {sig: signal.signal(sig, _raise_terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    previous[signal.SIGUSR1] = signal.getsignal(signal.SIGUSR1)
+    try:
+        run(spec, run_dir, resume, notice=PreemptionNotice())
+        return 0
+    except Terminated as exc:
+        print(f"rlhf-launch: {exc}: stopped the run", file=sys.stderr)
+        return 143
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        torch.set_num_threads(threads_before)

@@ -25,7 +25,7 @@ STOP_GRACE_SECONDS = 10
 
 
 class RenderError(ValueError):
-    pass
+    """A value that the sbatch script cannot carry safely (whitespace, a newline, characters #SBATCH takes literally)."""
 
 
 @dataclass(frozen=True)
@@ -49,13 +49,20 @@ def _environment() -> jinja2.Environment:
 
 
 def sbatch_options(spec: JobSpec) -> list[str]:
+    """Extra sbatch options as '--name=value': the slurm keys that are set (partition, account, qos, time,
+    mem, constraint), then ``slurm.extra_sbatch`` as written. Memory defaults to --mem=0, all of each
+    node's: a job takes whole GPU nodes, and some clusters otherwise grant a small default per CPU."""
     s = spec.slurm
-    named = [("partition", s.partition), ("account", s.account), ("qos", s.qos), ("time", s.time), ("mem", s.mem), ("constraint", s.constraint)]
+    named = [
+        ("partition", s.partition), ("account", s.account), ("qos", s.qos),
+        ("time", s.time), ("mem", s.mem or "0"), ("constraint", s.constraint),
+    ]
     options = [f"--{key}={value}" for key, value in named if value]
     return options + list(s.extra_sbatch)
 
 
 def render_sbatch(spec: JobSpec, plan: Plan, files: JobFiles) -> str:
+    """The sbatch script of ``plan``; RenderError when a value could break an #SBATCH line or add a line to the script."""
     if not _SBATCH_SAFE_PATH.match(files.run_dir):
         raise RenderError(
             f"run directory {files.run_dir!r} has characters (spaces, quotes, %, ...) that an #SBATCH line "

@@ -26,11 +26,13 @@ def _validator() -> jsonschema.protocols.Validator:
 
 
 def schema_problems(data: Any) -> list[Problem]:
+    """Every JSON Schema violation of ``data`` as a one-line Problem, without duplicates, sorted by key path."""
     problems = [p for err in _validator().iter_errors(data) for p in _explain(err)]
     return sorted(set(problems), key=lambda p: p.path)
 
 
 def dotted(path: Any) -> str:
+    """A key path as 'a.b.0.c'."""
     return ".".join(str(p) for p in path)
 
 

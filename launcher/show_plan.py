@@ -20,12 +20,17 @@ def _memory(role: RolePlan) -> str:
     m = role.memory
     if m is None:
         return "unknown (set num_params_b)" if not role.shared_with else "-"
-    parts = [("weights", m.weights_gib), ("grads", m.gradients_gib), ("optim", m.optimizer_gib), ("act", m.activations_gib), ("kv", m.kv_cache_gib)]
+    parts = [
+        ("weights", m.weights_gib), ("grads", m.gradients_gib), ("optim", m.optimizer_gib),
+        ("act", m.activations_gib), ("kv", m.kv_cache_gib),
+    ]
     detail = ", ".join(f"{name} {value:.1f}" for name, value in parts if value >= 0.05)
     return f"{m.total_gib:.1f} ({detail})" if detail else "< 0.1"
 
 
 def plan_table(plan: Plan, gpu_memory_gb: float, width: int = 132) -> str:
+    """The plan as plain text ``width`` columns wide: a row per role (ranks, nodes, layout, estimated peak
+    GiB per GPU out of ``gpu_memory_gb``), then a line per Slurm component."""
     table = Table(title=f"Resource plan: {plan.total_gpus} GPUs on {plan.total_nodes} nodes, {plan.world_size} ranks", title_justify="left")
     for column in ("role", "component", "ranks", "nodes", "GPUs", "data x tensor x pipeline", f"est. peak GiB/GPU (of {gpu_memory_gb:g})"):
         table.add_column(column, overflow="fold")
@@ -41,5 +46,8 @@ def plan_table(plan: Plan, gpu_memory_gb: float, width: int = 132) -> str:
     console = Console(file=out, width=width, color_system=None, highlight=False)
     console.print(table)
     for c in plan.components:
-        console.print(f"component {c.index} ({c.name}): {c.nodes} node(s) x {c.gpus_per_node} GPUs, ranks {c.first_rank}-{c.first_rank + c.gpus - 1}: {', '.join(c.roles)}")
+        console.print(
+            f"component {c.index} ({c.name}): {c.nodes} node(s) x {c.gpus_per_node} GPUs, "
+            f"ranks {c.first_rank}-{c.first_rank + c.gpus - 1}: {', '.join(c.roles)}"
+        )
     return out.getvalue()

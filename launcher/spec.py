@@ -16,14 +16,16 @@ from typing import Any
 from launcher import checks
 from launcher.schema_errors import schema_problems
 from rlhf.core import schema, yaml_io
-from rlhf.core.config import JobSpec, TrainKwargs
-from rlhf.core.data_sources import looks_local, parse_source
+from rlhf.core.config import JobSpec
 from rlhf.core.plan import Plan, build_plan
 from rlhf.core.problems import Problem, SpecError, error
+from rlhf.core.resolved import resolve
 
 
 @dataclass
 class LoadedSpec:
+    """A valid, resolved spec with its resource plan, the file it came from and its warnings."""
+
     spec: JobSpec
     plan: Plan
     source: str
@@ -45,7 +47,9 @@ def load_spec(path: str | Path, overrides: Iterable[str] = (), settings: dict[st
         data, lines, duplicates = yaml_io.load(text)
     except yaml_io.YamlProblem as exc:
         raise SpecError(source, [Problem("", str(exc), "error", exc.line)]) from None
-    problems = [Problem(".".join(map(str, p)), "duplicate key; the later value would silently win", "error", line) for p, line in duplicates]
+    problems = [
+        Problem(".".join(map(str, p)), "duplicate key; the later value would silently win", "error", line) for p, line in duplicates
+    ]
     return validate(data, source, Path(path).resolve().parent, lines, overrides, settings, problems)
 
 
@@ -58,20 +62,32 @@ def validate(
     settings: dict[str, Any] | None = None,
     problems: list[Problem] | None = None,
 ) -> LoadedSpec:
+    """Apply ``overrides`` and ``settings`` to parsed spec data, check everything and resolve the spec.
+
+    Relative local paths are taken from ``base_dir``; ``lines`` (key path -> YAML line) locates the
+    problems, and ``problems`` holds those already found (duplicate keys). Raises ``SpecError`` with
+    every problem when any is an error.
+    """
     problems = list(problems or [])
     lines = lines or {}
     if data is None:
         data = {}
-        problems.append(error("", "the spec is empty; expected a mapping with model_configs, dataset_config and other sections (see specs/ for examples)"))
+        problems.append(error(
+            "",
+            "the spec is empty; expected a mapping with model_configs, dataset_config and other sections (see specs/ for examples)",
+        ))
     elif not isinstance(data, dict):
-        raise SpecError(source, [error("", f"found {type(data).__name__} {str(data)[:40]!r}, expected a mapping of sections such as model_configs and dataset_config")])
+        raise SpecError(source, [error(
+            "",
+            f"found {type(data).__name__} {str(data)[:40]!r}, expected a mapping of sections such as model_configs and dataset_config",
+        )])
     data = copy.deepcopy(data)
     overridden: set[str] = set()
     for item in overrides:
         problems.extend(_apply_override(data, item, overridden))
     for key, value in (settings or {}).items():
         if value is not None:
-            _set_path(data, key.split("."), value)
+            set_path(data, key.split("."), value)
             overridden.add(key)
 
     found = schema_problems(data)
@@ -79,7 +95,7 @@ def validate(
     found += checks.run_checks(spec, tolerate_type_errors=bool(found))
     plan = None
     if not any(p.severity == "error" for p in problems + found):
-        _resolve(spec, base_dir)
+        resolve(spec, base_dir)
         found += list(checks.local_path_problems(spec))
         found += list(checks.vllm_model_problems(spec))
         plan = build_plan(spec)
@@ -103,14 +119,16 @@ def _apply_override(data: dict, item: str, overridden: set[str]) -> list[Problem
     except yaml_io.YamlProblem as exc:
         return [error(key, f"--set: {exc}")]
     try:
-        _set_path(data, key.split("."), value)
+        set_path(data, key.split("."), value)
     except TypeError as exc:
         return [error(key, f"--set: {exc}")]
     overridden.add(key)
     return []
 
 
-def _set_path(data: dict, parts: list[str], value: Any) -> None:
+def set_path(data: dict, parts: list[str], value: Any) -> None:
+    """Set the key at ``parts`` in nested dicts, creating sections on the way; TypeError when a
+    part is not a section."""
     node = data
     for i, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
@@ -131,33 +149,3 @@ def _locate(problem: Problem, lines: dict, overridden: set[str]) -> Problem:
             return dataclasses.replace(problem, line=lines[tuple(parts)])
         parts.pop()
     return problem
-
-
-# --------------------------------------------------------------------------- resolving
-def _resolve_path(value: str, base_dir: Path) -> str:
-    """Local paths become absolute (relative ones are relative to the spec file); ids stay."""
-    if value.startswith("~"):
-        return str(Path(value).expanduser())
-    if looks_local(value) or (base_dir / value).exists():
-        return str((base_dir / value).resolve()) if not Path(value).is_absolute() else value
-    return value
-
-
-def _resolve(spec: JobSpec, base_dir: Path) -> None:
-    """Fill every default that depends on other keys, so workers read one explicit spec."""
-    models = spec.model_configs.roles()
-    for role, model in models.items():
-        model.model_type = role
-        if model.model_path:
-            model.model_path = _resolve_path(model.model_path, base_dir)
-        if role in checks.TRAINED and model.trainer_config.train_kwargs is None:
-            model.trainer_config.train_kwargs = TrainKwargs()
-    for role in checks.TRAINED:
-        setattr(spec.train_config, f"{role}_micro_bs", spec.train_micro_batch(role))
-    tok = spec.tokenizer_config
-    tok.tokenizer_path = _resolve_path(tok.tokenizer_path, base_dir) if tok.tokenizer_path else spec.model_configs.actor.model_path
-    resolved = []
-    for entry in spec.dataset_config.ppo_datas:
-        src = parse_source(entry)
-        resolved.append(f"{_resolve_path(src.source, base_dir)}::{src.weight:g}")
-    spec.dataset_config.ppo_datas = resolved

@@ -21,7 +21,7 @@ JOB_FILE = "job.json"
 
 
 class SlurmError(RuntimeError):
-    pass
+    """A Slurm command failed or is missing, or a target names no job; the message says which."""
 
 
 def _run(args: list[str], timeout: float = 60) -> str:
@@ -60,6 +60,8 @@ def _read_job_file(run_dir: Path) -> dict:
 
 @dataclass
 class JobState:
+    """One hetjob component's state as scontrol reports it."""
+
     component: int
     job_id: str
     state: str
@@ -103,6 +105,12 @@ def resolve_target(target: str) -> tuple[str, Path | None]:
 
 
 def status_report(target: str) -> str:
+    """What ``rlhf-launch status`` prints for a run folder or a job id: the Slurm job's components,
+    the training state and last metrics, the versions it runs with, and where the logs are. A run
+    folder without a Slurm job (``--local``) gets the same report, with its lock holder instead."""
+    path = Path(target)
+    if path.is_dir() and "job_id" not in _read_job_file(path):
+        return _local_report(path)
     job_id, run_dir = resolve_target(target)
     lines = [f"job {job_id}" + (f", run folder {run_dir}" if run_dir else "")]
     try:
@@ -113,7 +121,12 @@ def status_report(target: str) -> str:
     names = _component_names(run_dir)
     for s in states:
         name = names.get(s.component, f"component {s.component}")
-        lines.append(f"  {name:<10} {s.state:<11} nodes {s.nodes or '-':<10} exit {s.exit_code or '-'}  {s.reason if s.reason not in ('None', '') else ''}".rstrip())
+        lines.append(
+            (
+                f"  {name:<10} {s.state:<11} nodes {s.nodes or '-':<10} exit {s.exit_code or '-'}"
+                f"  {s.reason if s.reason not in ('None', '') else ''}"
+            ).rstrip()
+        )
     if run_dir:
         lines += _run_dir_report(run_dir, job_id)
     return "\n".join(lines)
@@ -131,7 +144,39 @@ def _component_names(run_dir: Path | None) -> dict[int, str]:
         return {}
 
 
-def _run_dir_report(run_dir: Path, job_id: str) -> list[str]:
+def _local_report(run_dir: Path) -> str:
+    if not (run_dir / "spec.yaml").exists() and not (run_dir / "status.json").exists():
+        raise SlurmError(f"{run_dir} is not a run folder (no spec.yaml, no status.json)")
+    from rlhf.run_lock import holder
+
+    lines = [f"run folder {run_dir} (run here, not submitted to Slurm)"]
+    live = holder(run_dir)
+    lines.append(f"  process: {'running, ' + live.describe() if live else 'none running'}")
+    lines += _run_dir_report(run_dir, None)
+    return "\n".join(lines)
+
+
+def _provenance_lines(run_dir: Path) -> list[str]:
+    """The versions of the latest start, and a note for every resume that ran under versions other
+    than the first start's (results of such a run mix two environments)."""
+    from rlhf.provenance import describe_versions, read_records, version_changes
+
+    records = read_records(run_dir)
+    if not records:
+        return []
+    lines = [f"  versions: {describe_versions(records[-1])}"]
+    for record in records[1:]:
+        changes = version_changes(records[0], record)
+        if changes:
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(record.get("time") or 0))
+            lines.append(
+                f"  note: the resume at step {record.get('start_step')} ({when}) ran under other versions than the first start: "
+                f"{'; '.join(changes)}"
+            )
+    return lines
+
+
+def _run_dir_report(run_dir: Path, job_id: str | None) -> list[str]:
     lines = []
     try:
         status = json.loads((run_dir / "status.json").read_text())
@@ -145,10 +190,17 @@ def _run_dir_report(run_dir: Path, job_id: str) -> list[str]:
         if metrics:
             last = metrics[-1]
             keys = ("step", "reward_mean", "kl", "policy_loss", "value_loss", "step_time_s")
-            lines.append("  last metrics: " + "  ".join(f"{k} {last[k]:.4g}" if isinstance(last.get(k), float) else f"{k} {last.get(k)}" for k in keys if k in last))
+            lines.append(
+                "  last metrics: "
+                + "  ".join(f"{k} {last[k]:.4g}" if isinstance(last.get(k), float) else f"{k} {last.get(k)}" for k in keys if k in last)
+            )
     except (OSError, ValueError):
         pass
+    lines += _provenance_lines(run_dir)
     logs = run_dir / "logs"
+    if job_id is None:
+        lines.append(f"  logs: {logs}/local-rank<N>-<role><R>.log (ranks other than 0, when run with one process per rank)")
+        return lines
     lines.append(f"  logs: {logs}/slurm-{job_id}.out and {logs}/{job_id}-<component>-<task>.log")
     failed = _failure_from_logs(logs, job_id)
     if failed:
@@ -168,6 +220,7 @@ def _failure_from_logs(logs: Path, job_id: str) -> tuple[str, list[str]] | None:
 
 
 def cancel(target: str) -> str:
+    """scancel the job of a run folder or job id; returns the job id."""
     job_id, _ = resolve_target(target)
     _run(["scancel", job_id])
     return job_id

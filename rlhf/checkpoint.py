@@ -25,6 +25,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from rlhf.core.problems import InputError
+
 CHECKPOINTS = "checkpoints"
 MARKER = "COMPLETE"
 REQUEUE = "requeue"
@@ -32,7 +34,7 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 _TMP_PREFIX = ".tmp-"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError, ValueError):
     """A checkpoint path that is missing, incomplete or not a checkpoint at all."""
 
 

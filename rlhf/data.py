@@ -18,24 +18,26 @@ import random
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
-import datasets.config
 import huggingface_hub
 import huggingface_hub.constants
-import pyarrow.parquet as pq
-import torch
-from transformers import AutoTokenizer
 
 from rlhf.core.config import DatasetConfig, TokenizerConfig
 from rlhf.core.data_sources import LOCAL_SUFFIXES, looks_local, parse_source
+from rlhf.core.problems import InputError
+
+# torch and transformers are imported inside the functions that use them: the launcher's
+# pre-flight check (launcher/preflight.py) reads and checks records with this module in seconds.
+
+if TYPE_CHECKING:
+    import datasets
 
 ROLES = ("system", "user", "assistant")
 Messages = list[dict[str, str]]
 
 
-class PromptDataError(ValueError):
+class PromptDataError(InputError, ValueError):
     """A prompt source, record or tokenizer that cannot be used, with what to do about it."""
 
 
@@ -156,6 +158,8 @@ def local_records(path: Path, source: str) -> Iterator[tuple[str, Any]]:
 def read_records(file: Path, source: str) -> list[Any]:
     """Records of one file. A .json file holds a list of records (or one record), or JSON lines."""
     if file.suffix == ".parquet":
+        import pyarrow.parquet as pq  # only for .parquet sources: ~0.1 s off every rank's start
+
         return pq.read_table(file).to_pylist()
     if file.suffix not in (".json", ".jsonl"):
         raise PromptDataError(f"{source}: {file.name} is not a {'/'.join(LOCAL_SUFFIXES)} file")
@@ -189,6 +193,8 @@ def split_hub_name(name: str) -> tuple[str, str | None]:
 def hub_offline() -> Iterator[None]:
     """Offline mode for the duration of the block. datasets and huggingface_hub read HF_HUB_OFFLINE /
     HF_DATASETS_OFFLINE once, at import, so their module flags are switched along with the variables."""
+    import datasets.config  # only for Hugging Face sources: ~1 s off every rank's start
+
     flags = [(datasets.config, "HF_HUB_OFFLINE"), (datasets.config, "HF_DATASETS_OFFLINE"),
              (huggingface_hub.constants, "HF_HUB_OFFLINE")]
     saved_flags = [getattr(module, name) for module, name in flags]
@@ -219,6 +225,8 @@ def load_cached_hub_dataset(name: str) -> datasets.Dataset:
     datasets' own offline lookup (1) may miss a cache entry written with ``data_dir`` (its cache folder
     name then depends on the resolved file list), hence (2).
     """
+    import datasets
+
     repo, data_dir = split_hub_name(name)
     failures = []
     with hub_offline():
@@ -346,6 +354,8 @@ def render_prompts(tokenizer, prompts: list[Messages], max_seq_len: int, chat_te
     the left: the generation prompt and the latest turn survive, the leading bos may not). Rows are
     left-padded with the pad token, so that every row ends with its generation prompt.
     """
+    import torch
+
     if tokenizer.pad_token_id is None:
         raise PromptDataError("the tokenizer has no padding token: set tokenizer_config.pad_token_id")
     if not prompts:
@@ -383,6 +393,8 @@ def load_tokenizer(tokenizer_config: TokenizerConfig, default_path: str):
     Applies the overrides ``pad_token_id`` / ``eos_token_id`` (through the token string of that id, so
     that the token and its id stay consistent) and ``chat_template``; pads on the left.
     """
+    from transformers import AutoTokenizer
+
     path = os.path.expanduser(tokenizer_config.tokenizer_path or default_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left", local_files_only=True)

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from rlhf.core.plan import Plan
+from rlhf.core.problems import InputError
 
 FAILED_KEY = "rlhf/failed"
 HEARTBEAT_S = 1.0
@@ -29,11 +30,13 @@ STALE_AFTER_S = 20.0
 
 
 class RendezvousError(RuntimeError):
-    pass
+    """The ranks of a job could not meet: a missing variable, an unreachable store or ranks that never came."""
 
 
 @dataclass(frozen=True)
 class Topology:
+    """This process's place in the job: global rank, world size, role, rank within the role, rank on its node."""
+
     rank: int
     world_size: int
     role: str
@@ -43,12 +46,16 @@ class Topology:
 
     @staticmethod
     def from_env(plan: Plan, env: dict[str, str] | None = None) -> Topology:
+        """The topology from the variables that the sbatch script or ``--local`` sets (``env`` instead of
+        os.environ when given); RendezvousError when one is missing or the world size is not the plan's."""
         env = dict(os.environ if env is None else env)
         try:
             rank = int(env["RLHF_RANK_OFFSET"]) + int(env["SLURM_PROCID"])
             world = int(env.get("RLHF_WORLD_SIZE", plan.world_size))
         except KeyError as exc:
-            raise RendezvousError(f"missing environment variable {exc.args[0]}: start workers with rlhf-launch (sbatch script or --local)") from None
+            raise RendezvousError(
+                f"missing environment variable {exc.args[0]}: start workers with rlhf-launch (sbatch script or --local)"
+            ) from None
         if world != plan.world_size:
             raise RendezvousError(f"RLHF_WORLD_SIZE={world} but the spec's plan has {plan.world_size} ranks: the job and its spec disagree")
         role, role_rank = plan.role_of_rank(rank)
@@ -61,6 +68,7 @@ class Topology:
         return list(host.ranks)
 
     def runs(self, role: str) -> bool:
+        """Whether this process runs ``role``."""
         return self.rank in self.ranks_of(role)
 
     def default_group_ranks(self) -> list[int]:
@@ -76,14 +84,17 @@ class Topology:
         return ranks[first : first + per_engine]
 
     def index_in(self, role: str) -> int:
+        """This process's position among the ranks that run ``role``."""
         return self.ranks_of(role).index(self.rank)
 
     def describe(self, rank: int) -> str:
+        """'<role> rank <n> (global rank <r>)' for a global rank, for messages."""
         role, role_rank = self.plan.role_of_rank(rank)
         return f"{role} rank {role_rank} (global rank {rank})"
 
 
 def backend_for(device: torch.device) -> str:
+    """The torch.distributed backend for ``device``: nccl on CUDA, gloo otherwise."""
     return "nccl" if device.type == "cuda" else "gloo"
 
 
@@ -101,7 +112,9 @@ def rendezvous(topo: Topology, device: torch.device, timeout_s: float) -> dist.T
     try:
         store = dist.TCPStore(host, port, topo.world_size, is_master=topo.rank == 0, timeout=timeout, wait_for_workers=False)
     except Exception as exc:  # noqa: BLE001 - any connection failure gets the same explanation
-        raise RendezvousError(f"{topo.describe(topo.rank)} could not reach the rendezvous at {host}:{port} within {timeout_s:.0f} s: {exc}") from None
+        raise RendezvousError(
+            f"{topo.describe(topo.rank)} could not reach the rendezvous at {host}:{port} within {timeout_s:.0f} s: {exc}"
+        ) from None
     store.set(f"rlhf/arrived/{topo.rank}", "1")
     deadline = time.monotonic() + timeout_s
     while True:
@@ -140,16 +153,33 @@ class PeerGroup:
             self.pg = dist.ProcessGroupGloo(prefix, me, size, timeout)
 
     def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        """Broadcast ``tensor`` in place from global rank ``src`` to every member; returns it."""
         opts = dist.BroadcastOptions()
         opts.rootRank, opts.rootTensor = self.ranks.index(src), 0
         self.pg.broadcast([tensor], opts).wait()
         return tensor
 
     def barrier(self) -> None:
-        token = torch.zeros(1, device=self.device)
+        """Return only when every member has reached it.
+
+        ``wait()`` alone does not block the host under NCCL (it only orders the device stream), so
+        the count is read back to the host: that read cannot complete before every member joined.
+        Checkpoint completion and the end of a run depend on it."""
+        token = torch.ones(1, device=self.device)
         self.pg.allreduce([token]).wait()
+        arrived = int(token.item())
+        if arrived != len(self.ranks):
+            raise RuntimeError(f"barrier over {len(self.ranks)} ranks counted {arrived}")
+
+    def shutdown(self) -> None:
+        """Release the communicator (after a barrier: no member may still be using it)."""
+        shutdown = getattr(self.pg, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
 
     def any(self, flag: bool) -> bool:
+        """True on every member when ``flag`` is true on any (read back to the host, so it blocks
+        like ``barrier``)."""
         value = torch.tensor([1.0 if flag else 0.0], device=self.device)
         opts = dist.AllreduceOptions()
         opts.reduceOp = dist.ReduceOp.MAX
@@ -183,6 +213,7 @@ class Watchdog:
         self.thread.start()
 
     def report_failure(self, exc: BaseException) -> None:
+        """Tell every other process that this one failed and why (nothing when the store is gone)."""
         reason = f"{self.topo.describe(self.topo.rank)} failed: {type(exc).__name__}: {exc}"
         try:
             self.store.set(FAILED_KEY, reason)
@@ -230,17 +261,27 @@ def fail_fast(watchdog: Watchdog | None, exc: BaseException) -> None:
 
     A communication error usually means that a peer died: the watchdog then gets a moment
     to find which one stopped beating, so that the message names it rather than this rank."""
-    traceback.print_exc()
     if watchdog is not None and _is_peer_failure(exc):
         time.sleep(STALE_AFTER_S + 3 * HEARTBEAT_S)  # the watchdog exits first if it finds the dead peer
     where = watchdog.topo.describe(watchdog.topo.rank) if watchdog is not None else "this rank"
-    print(f"rlhf: {where} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+    print(failure_line(f"rlhf: {where}", exc), file=sys.stderr, flush=True)
+    if not isinstance(exc, InputError):  # a bug: its traceback, after the line that says what failed
+        traceback.print_exception(exc)
     if watchdog is not None:
         watchdog.report_failure(exc)
     sys.stderr.flush()
     os._exit(1)
 
 
+def failure_line(where: str, exc: BaseException) -> str:
+    """The one line that reports a failure: an unusable input (``InputError``) by its own message,
+    which says where and what was found; anything else with its type, as a bug."""
+    if isinstance(exc, InputError):
+        return f"{where}: {exc}"
+    return f"{where} failed: {type(exc).__name__}: {exc}"
+
+
 def _is_peer_failure(exc: BaseException) -> bool:
     text = str(exc)
-    return isinstance(exc, RuntimeError) and any(s in text for s in ("Connection closed by peer", "Connection reset", "Broken pipe", "NCCL", "timed out", "Timed out"))
+    signs = ("Connection closed by peer", "Connection reset", "Broken pipe", "NCCL", "timed out", "Timed out")
+    return isinstance(exc, RuntimeError) and any(s in text for s in signs)

@@ -34,12 +34,35 @@ def _optimizer(params, kwargs: TrainKwargs):
     return optimizer, scheduler
 
 
+def keep_fp32_master_weights(module: torch.nn.Module) -> torch.dtype | None:
+    """Make a bf16 model's parameters fp32 and have it compute in bf16 (autocast); returns bf16,
+    or None for a model that is fp32 already.
+
+    Adam moves a weight by about lr per step: 1e-6 against bf16's spacing of ~1e-4 at weights of
+    ~0.02, so updates applied to bf16 weights round away and the model never changes. fp32
+    master weights with bf16 compute are what DeepSpeed's bf16 mode keeps as well."""
+    dtypes = {p.dtype for p in module.parameters()}
+    if torch.float16 in dtypes:
+        raise ValueError(
+            "float16 training needs loss scaling, which only the deepspeed mode has: "
+            "use torch_dtype bfloat16, or parallel.data.mode deepspeed with fp16.enabled"
+        )
+    if torch.bfloat16 not in dtypes:
+        return None
+    module.float()
+    module.compute_dtype = torch.bfloat16
+    return torch.bfloat16
+
+
 class TorchTrainer:
-    """A model trained by this process alone (or, with ``group``, under DDP)."""
+    """A model trained by this process alone (or, with ``group``, under DDP), with fp32 master
+    weights when it was loaded in bf16."""
 
     def __init__(self, module: torch.nn.Module, kwargs: TrainKwargs, group=None, device: torch.device | None = None):
         self.kwargs = kwargs
         self.inner = module
+        self.weight_dtype = keep_fp32_master_weights(module) or next(module.parameters()).dtype
+        self.generates_in_lockstep = False  # every rank holds the whole model
         self.dp_size = dist.get_world_size(group) if group is not None else 1
         if self.dp_size > 1:
             ids = [device.index] if device is not None and device.type == "cuda" else None
@@ -49,6 +72,7 @@ class TorchTrainer:
         self.optimizer, self.scheduler = _optimizer([p for p in module.parameters() if p.requires_grad], kwargs)
 
     def backward(self, loss: Tensor) -> None:
+        """Accumulate the gradient of ``loss``, scaled by the data-parallel size against DDP's averaging."""
         (loss * self.dp_size).backward()
 
     def step(self) -> float:
@@ -63,27 +87,34 @@ class TorchTrainer:
 
     @property
     def lr(self) -> float:
+        """The learning rate of the next step."""
         return self.scheduler.get_last_lr()[0]
 
-    def gathered(self):
+    def gathered(self, params: list[torch.nn.Parameter] | None = None):
+        """A no-op context: the parameters are always whole on this rank."""
         return contextlib.nullcontext()
 
     def state_dict(self) -> dict:
+        """Model, optimizer and scheduler state."""
         return {"model": self.inner.state_dict(), "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore what ``state_dict`` returned."""
         self.inner.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
     def save(self, directory: Path, name: str, is_writer: bool) -> None:
+        """Write ``state_dict()`` to ``directory/name.pt`` when ``is_writer`` (DDP replicas are identical)."""
         if is_writer:
             torch.save(self.state_dict(), directory / f"{name}.pt")
 
     def load(self, directory: Path, name: str) -> None:
+        """Restore what ``save`` wrote."""
         self.load_state_dict(torch.load(directory / f"{name}.pt", map_location="cpu", weights_only=False))
 
     def full_state_dict(self) -> dict[str, Tensor]:
+        """The model's weights, named as in the unwrapped module."""
         return self.inner.state_dict()
 
 
@@ -103,6 +134,29 @@ def deepspeed_config(spec: JobSpec, role: str, model: ModelConfig, micro_bs: int
     return config
 
 
+class GatherMeter:
+    """Bytes of ZeRO-3 parameters this rank holds gathered (whole) right now, and the most at once
+    since ``reset``: the memory a sync or a generate call costs beyond the rank's own shard."""
+
+    def __init__(self) -> None:
+        self.current = 0
+        self.peak = 0
+
+    def reset(self) -> None:
+        """Start a new peak from what is held now."""
+        self.peak = self.current
+
+    @contextlib.contextmanager
+    def holding(self, nbytes: int):
+        """Count ``nbytes`` as held for the duration."""
+        self.current += nbytes
+        self.peak = max(self.peak, self.current)
+        try:
+            yield
+        finally:
+            self.current -= nbytes
+
+
 class DeepSpeedTrainer:
     """A model trained under DeepSpeed by the role's ranks (ZeRO stage from the spec)."""
 
@@ -118,32 +172,51 @@ class DeepSpeedTrainer:
         )
         self.module = self.engine
         self.inner = self.engine.module
+        self.weight_dtype = next(self.inner.parameters()).dtype  # DeepSpeed keeps its fp32 masters itself
+        self.generates_in_lockstep = self.zero_stage == 3 and self.dp_size > 1
+        self.gather_meter = GatherMeter()
 
     def backward(self, loss: Tensor) -> None:
+        """Accumulate the gradient of ``loss``, scaled by the data-parallel size and not divided by the
+        accumulation steps; at a minibatch boundary DeepSpeed also applies the update."""
         # DeepSpeed would divide by the accumulation steps; our loss is already normalised.
         self.engine.backward(loss * self.dp_size, scale_wrt_gas=False)
         self.engine.step()  # a no-op until the accumulation boundary, where it updates
 
     def step(self) -> float:
+        """The gradient norm of the update ``backward`` applied at the boundary; 0.0 when DeepSpeed gives none."""
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else 0.0
 
     @property
     def lr(self) -> float:
+        """The learning rate of the next step."""
         return self.scheduler.get_last_lr()[0]
 
-    def gathered(self):
-        """All parameters materialised on every rank (ZeRO-3), e.g. to generate or export."""
+    def gathered(self, params: list[torch.nn.Parameter] | None = None):
+        """``params`` (default: all) materialised whole on every rank for the duration (ZeRO-3), e.g.
+        to generate, or one layer at a time to send; a collective over the role's ranks.
+        ``gather_meter`` counts the bytes it holds."""
         if self.zero_stage != 3:
             return contextlib.nullcontext()
-        import deepspeed
+        return self._gather(list(self.inner.parameters()) if params is None else list(params))
 
-        return deepspeed.zero.GatheredParameters(list(self.inner.parameters()), modifier_rank=None)
+    @contextlib.contextmanager
+    def _gather(self, params: list[torch.nn.Parameter]):
+        import deepspeed
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        # Only partitioned parameters cost memory here: persistent ones (small, kept whole) already are.
+        nbytes = sum(p.ds_numel * p.element_size() for p in params if getattr(p, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE)
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None), self.gather_meter.holding(nbytes):
+            yield
 
     def save(self, directory: Path, name: str, is_writer: bool) -> None:
+        """Write DeepSpeed's checkpoint, sharded as trained, into ``directory/name``; every rank of the role calls it."""
         self.engine.save_checkpoint(str(directory / name), tag="state")
 
     def load(self, directory: Path, name: str) -> None:
+        """Restore what ``save`` wrote; every rank of the role calls it."""
         self.engine.load_checkpoint(str(directory / name), tag="state")
 
     def full_state_dict(self) -> dict[str, Tensor]:

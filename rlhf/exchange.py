@@ -40,7 +40,13 @@ def broadcast_tensor(tensor: Tensor | None, src: int, device: torch.device, grou
 
 
 def gather_from(
-    ranks: list[int], local: dict[str, Tensor] | None, keys: list[str], device: torch.device, group, rank: int, pad: dict[str, int] | None = None
+    ranks: list[int],
+    local: dict[str, Tensor] | None,
+    keys: list[str],
+    device: torch.device,
+    group,
+    rank: int,
+    pad: dict[str, int] | None = None,
 ) -> dict[str, Tensor]:
     """Concatenate, on every rank, the shards that ``ranks`` computed (in rank order).
 

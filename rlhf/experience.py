@@ -24,16 +24,33 @@ class RewardMoments:
     m2: float = 0.0
 
     def update(self, scores: Tensor) -> None:
+        """Merge a batch of clipped scores [B] into the moments."""
         self.count, self.mean, self.m2 = ppo.update_running_moments(self.count, self.mean, self.m2, scores)
 
     @property
     def std(self) -> float:
+        """Population standard deviation of the scores so far; 1.0 before there are two."""
         return ppo.running_std(self.count, self.m2)
 
 
 def make_experience(
     spec: JobSpec, rollout: Batch, old_logprobs: Tensor, ref_logprobs: Tensor, values: Tensor, scores: Tensor, moments: RewardMoments
 ) -> tuple[Batch, dict[str, float]]:
+    """PPO experience and step metrics from a scored rollout.
+
+    In: the rollout (prompt_ids, prompt_mask [B, P]; response_ids, response_mask [B, R]; finished [B]);
+    its response tokens' log-probs under the actor (``old_logprobs``) and the reference
+    (``ref_logprobs``) and the critic's ``values``, all [B, R]; and the reward ``scores`` [B]. Scores
+    are clipped to [clip_reward_min, clip_reward_max] and, with reward_scale, divided by the running
+    std of ``moments``, which they update. Token rewards are -kl_coeff * (old_logprobs - ref_logprobs)
+    plus the score on each response's last token; GAE turns them into advantages and returns.
+
+    Out: the experience, the rollout's keys plus old_logprobs, old_values (= values), advantages
+    (whitened over the batch with norm_adv) and returns, each [B, R], the last two 0 off the mask;
+    and the metrics reward_mean and reward_std (raw scores), reward_clipped_mean, kl (mean over
+    sequences of the summed old_logprobs - ref_logprobs), response_len_mean (tokens), truncated_frac
+    (responses without a stop token) and the masked means value_mean, return_mean, advantage_mean.
+    """
     rc, ro = spec.repeater_config, spec.rollout_config
     mask = rollout["response_mask"].to(values.dtype)
     clipped = scores.clamp(ro.clip_reward_min, ro.clip_reward_max)

@@ -50,11 +50,24 @@ ROLLOUT_KEYS = ["prompt_ids", "prompt_mask", "response_ids", "response_mask", "f
 TIMED_SECTIONS = ("step", "generate", "score", "train", "weight_sync", "forward", "backward", "optimizer")
 
 
-def pick_device(name: str) -> torch.device:
-    """The device of this process: ``run.device``, with ``auto`` meaning CUDA when there is one."""
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))))
-    return torch.device("cpu")
+def pick_device(name: str, env: dict[str, str] | None = None) -> torch.device:
+    """The device of this process: ``run.device``, with ``auto`` meaning CUDA when there is one.
+
+    A task may see every GPU of its node (then its local rank picks one) or only its own (Slurm's
+    --gpus-per-task or --gpu-bind set CUDA_VISIBLE_DEVICES per task: then it is device 0)."""
+    if not (name == "cuda" or (name == "auto" and torch.cuda.is_available())):
+        return torch.device("cpu")
+    env = os.environ if env is None else env
+    local = int(env.get("LOCAL_RANK", env.get("SLURM_LOCALID", 0)))
+    visible = torch.cuda.device_count()
+    if visible == 1:
+        return torch.device("cuda", 0)
+    if local >= visible:
+        raise RuntimeError(
+            f"local rank {local} but this task sees {visible} GPU(s) (CUDA_VISIBLE_DEVICES="
+            f"{env.get('CUDA_VISIBLE_DEVICES', 'unset')}): more ranks on this node than GPUs"
+        )
+    return torch.device("cuda", local)
 
 
 class Stream(enum.IntEnum):
@@ -95,7 +108,7 @@ class PPOLoop:
         self.device = device or pick_device(spec.run.device)
         quiet_transformers()
         torch.manual_seed(spec.run.seed)
-        self.timer = Timer()
+        self.timer = Timer(torch.cuda.synchronize if self.device.type == "cuda" else None)
         c = self.cluster
         self.tokenizer = load_tokenizer(spec.tokenizer_config, spec.model_configs.actor.model_path)
         self.sampling = SamplingSettings.from_spec(spec, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
@@ -137,7 +150,9 @@ class PPOLoop:
             actor_trains = step > spec.train_config.pretrain_step
             with timer("train"):
                 critic_stats = self.critic.train(experience, step_seed(seed, step, Stream.CRITIC_ORDER)) if self.critic else None
-                actor_stats = self.actor.train(experience, step_seed(seed, step, Stream.ACTOR_ORDER)) if self.actor and actor_trains else None
+                actor_stats = (
+                    self.actor.train(experience, step_seed(seed, step, Stream.ACTOR_ORDER)) if self.actor and actor_trains else None
+                )
             with timer("weight_sync"):
                 if self.separate_generator and actor_trains:
                     self._sync_weights()
@@ -159,7 +174,10 @@ class PPOLoop:
             encoded = render_prompts(self.tokenizer, messages, spec.dataset_config.max_seq_len, spec.tokenizer_config.chat_template)
             index, parts = c.shard_of("generator")
             start, stop = shard_bounds(len(messages), parts, index)
-            prompts = {"prompt_ids": encoded["input_ids"][start:stop].to(self.device), "prompt_mask": encoded["attention_mask"][start:stop].to(self.device)}
+            prompts = {
+                "prompt_ids": encoded["input_ids"][start:stop].to(self.device),
+                "prompt_mask": encoded["attention_mask"][start:stop].to(self.device),
+            }
             local = self.generator.generate(prompts, start, lambda row: step_seed(spec.run.seed, step, Stream.SAMPLING, row))
             local = local if c.is_replica_leader("generator") else None
         return c.gather("generator", local, ROLLOUT_KEYS, pad={"response_ids": self.sampling.pad_id})
@@ -181,9 +199,11 @@ class PPOLoop:
         src = c.ranks_of("actor")[0]
         group = c.sync_group()
         if self.actor is not None:
-            with self.actor.trainer.gathered():
-                if c.rank == src:
-                    send_weights(list(self.actor.model.named_parameters()), src, group, self.device)
+            # Every actor rank walks the layers (under ZeRO-3 each is gathered by all of them in
+            # turn, so no rank holds more than one beyond its shard); only the first one sends.
+            trainer = self.actor.trainer
+            send_weights(list(self.actor.model.named_parameters()), src, group if c.rank == src else None, self.device,
+                         trainer.weight_dtype, gather=trainer.gathered)
         elif self.generator is not None:
             self.generator.receive(src, group)
 
@@ -250,16 +270,19 @@ class Reporter:
         self.history: list[dict] = []
 
     def status(self, state: str, step: int, **extra) -> None:
+        """Replace status.json: the run's state at ``step`` of the total (and any ``extra`` fields)."""
         if self.run_dir is not None:
             write_status(self.run_dir, state=state, step=step, max_train_step=self.total, **extra)
 
     def step_done(self, step: int, metrics: dict[str, float]) -> None:
+        """Record the metrics of a finished step: metrics.jsonl, TensorBoard, the progress line."""
         if self.logger is not None:
             self.history.append(self.logger.log(step, metrics))
         if self.printer is not None:
             self.printer.update(step, metrics)
 
     def close(self) -> None:
+        """Flush and close the metrics file, TensorBoard and the progress line."""
         for sink in (self.printer, self.logger):
             if sink is not None:
                 sink.close()
@@ -285,39 +308,70 @@ def run(
     """Train to train_config.max_train_step; returns (on global rank 0) the metrics of the steps run here.
 
     With a PreemptionNotice that fires, the run stops after the current step with a checkpoint
-    and a requeue request (rlhf/preemption.py)."""
+    and a requeue request (rlhf/preemption.py).
+
+    Global rank 0 holds the run folder's lock for the whole run (rlhf/run_lock.py: a second run in
+    the folder raises RunLocked) and appends this start to RUN_DIR/provenance.json before the first step."""
+    # Imported here: both are torch-free helpers of rank 0 only.
+    from rlhf import provenance
+    from rlhf.core import yaml_io
+    from rlhf.run_lock import RunLock
+
     cluster = cluster or SingleProcess()
     leader = cluster.is_leader
+    lock = None
     if leader:
         run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = _resume_point(run_dir, resume, cluster)
-    loop = PPOLoop(spec, run_dir, cluster, device)
-    if checkpoint is not None:
-        loop.load(checkpoint)
-        if leader:
-            for path in supersede_later(run_dir, loop.step):
-                print(f"rlhf: resuming from step {loop.step}; set aside the later checkpoint {path.name}", file=sys.stderr)
-    total = spec.train_config.max_train_step
-    report = Reporter(run_dir if leader else None, total, loop.step, quiet)
+        lock = RunLock.acquire(run_dir)
+        if lock.taken_over is not None:
+            print(
+                f"rlhf: took over the lock of {run_dir} from the run of {lock.taken_over.describe()}, which is gone",
+                file=sys.stderr,
+                flush=True,
+            )
+        if lock.unsupported:
+            print(f"rlhf: cannot lock {run_dir} ({lock.unsupported}); nothing keeps a second run out of it", file=sys.stderr, flush=True)
     try:
-        report.status("running", loop.step)
-        while loop.step < total:
-            report.step_done(loop.step + 1, loop.ppo_step())
-            saved = _due_for_checkpoint(spec, loop.step)
-            if saved:
-                loop.save()
-            if notice is not None and loop.step < total and cluster.any(notice.requested):
-                _stop_for_requeue(loop, saved, report)
-                return report.history
+        checkpoint = _resume_point(run_dir, resume, cluster)
+        if leader:
+            start_step = checkpoint_step(checkpoint) if checkpoint is not None else 0
+            record = provenance.collect(
+                run_dir / "spec.yaml",
+                yaml_io.dump(spec.to_dict()),
+                start_step,
+                str(checkpoint) if checkpoint else None,
+            )
+            provenance.append_record(run_dir, record)
+        loop = PPOLoop(spec, run_dir, cluster, device)
+        if checkpoint is not None:
+            loop.load(checkpoint)
+            if leader:
+                for path in supersede_later(run_dir, loop.step):
+                    print(f"rlhf: resuming from step {loop.step}; set aside the later checkpoint {path.name}", file=sys.stderr)
+        total = spec.train_config.max_train_step
+        report = Reporter(run_dir if leader else None, total, loop.step, quiet)
+        try:
             report.status("running", loop.step)
-        loop.export()
-    except BaseException as exc:
-        report.status("failed", loop.step, error=f"{type(exc).__name__}: {exc}")
-        raise
+            while loop.step < total:
+                report.step_done(loop.step + 1, loop.ppo_step())
+                saved = _due_for_checkpoint(spec, loop.step)
+                if saved:
+                    loop.save()
+                if notice is not None and loop.step < total and cluster.any(notice.requested):
+                    _stop_for_requeue(loop, saved, report)
+                    return report.history
+                report.status("running", loop.step)
+            loop.export()
+        except BaseException as exc:
+            report.status("failed", loop.step, error=f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            report.close()
+        report.status("completed", loop.step)
+        return report.history
     finally:
-        report.close()
-    report.status("completed", loop.step)
-    return report.history
+        if lock is not None:
+            lock.release()
 
 
 def _stop_for_requeue(loop: PPOLoop, saved: bool, report: Reporter) -> None:

@@ -8,9 +8,13 @@ before the action. So every per-token output here is [B, R], column t for respon
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
+
+from rlhf.value_head import install_value_head
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
@@ -27,20 +31,73 @@ def _prepare(model: PreTrainedModel, device: torch.device) -> PreTrainedModel:
     return model.to(device).eval()
 
 
-def load_causal_lm(path: str, dtype: str, device: torch.device) -> PreTrainedModel:
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype], local_files_only=_is_offline())
+@contextlib.contextmanager
+def partitioned_loading(zero3_config: dict | None):
+    """While it lasts, ``from_pretrained`` builds the model under ``deepspeed.zero.Init`` with this
+    DeepSpeed config (ZeRO-3): parameters are partitioned over the role's ranks as they are created
+    and loaded, so no rank ever holds the whole model. Every rank of the role must load inside it
+    (the loading is a collective). A no-op for None."""
+    if zero3_config is None:
+        yield
+        return
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    # DeepSpeed's communication over torch's default group (the role's ranks), as deepspeed.initialize
+    # will set it up: zero.Init reads the world size from it to check the batch sizes, before it would.
+    deepspeed.init_distributed(dist_init_required=False)
+    # transformers holds only a weak reference: the object must stay alive for the whole load.
+    alive = HfDeepSpeedConfig(zero3_config)
+    try:
+        yield
+    finally:
+        # Afterwards nothing else may see ZeRO-3: generate() would sync ranks that generate apart.
+        unset_hf_deepspeed_config()
+        del alive
+
+
+def is_partitioned(model: torch.nn.Module) -> bool:
+    """Whether ``model`` was built under ZeRO-3's zero.Init (its parameters hold only this rank's shard)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def load_causal_lm(path: str, dtype: str, device: torch.device, zero3_config: dict | None = None) -> PreTrainedModel:
+    """A causal LM (Hugging Face id or folder) in ``dtype`` on ``device``, in eval mode; from the local
+    cache only when HF_HUB_OFFLINE is set. With ``zero3_config`` (a ZeRO-3 DeepSpeed config) it is
+    loaded partitioned (``partitioned_loading``), to be handed to DeepSpeed with that config."""
+    with partitioned_loading(zero3_config):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype], local_files_only=_is_offline())
     return _prepare(model, device)
 
 
-def load_value_model(path: str, dtype: str, device: torch.device, pad_token_id: int) -> PreTrainedModel:
-    """A sequence-classification model with one output, used per token (critic) or at the end (reward)."""
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, dtype=_DTYPES[dtype], local_files_only=_is_offline()
-    )
+def load_value_model(
+    path: str, dtype: str, device: torch.device, pad_token_id: int, role: str = "reward", head_name: str | None = None,
+    zero3_config: dict | None = None,
+) -> PreTrainedModel:
+    """A sequence-classification model with one output, used per token (critic) or at the end
+    (reward); its ``score`` head is the checkpoint's value head under whatever name it was saved
+    (rlhf/value_head.py). ``zero3_config``: loaded partitioned, as in ``load_causal_lm``."""
+    with partitioned_loading(zero3_config):
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=_DTYPES[dtype], local_files_only=_is_offline(), output_loading_info=True
+        )
     model.config.pad_token_id = pad_token_id
     if not isinstance(getattr(model, "score", None), torch.nn.Module):
         raise ValueError(f"{path}: {type(model).__name__} has no 'score' head; expected a decoder sequence-classification model")
+    with _whole(model.score) if is_partitioned(model) else contextlib.nullcontext():
+        install_value_head(model, path, list(info["missing_keys"]), head_name, role)
+    if role == "reward":
+        model.score.float()  # a frozen head: fp32 costs nothing and keeps the score's digits (head_scores)
     return _prepare(model, device)
+
+
+def _whole(module: torch.nn.Module):
+    """A partitioned module's parameters whole on every rank; what rank 0 writes into them is kept
+    (every rank reads the same head from the checkpoint)."""
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0)
 
 
 def _is_offline() -> bool:
@@ -54,6 +111,13 @@ def position_ids(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def compute_in(dtype: torch.dtype | None, device: torch.device):
+    """Autocast to ``dtype`` (bf16 compute over fp32 master weights), or nothing when None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
 class PolicyModule(torch.nn.Module):
     """A causal LM whose forward gives the logits of each response token, [B, R, V], divided by the
     sampling temperature (log-probs must be those of the distribution the tokens came from).
@@ -62,15 +126,19 @@ class PolicyModule(torch.nn.Module):
     def __init__(self, model: PreTrainedModel):
         super().__init__()
         self.model = model
+        self.compute_dtype: torch.dtype | None = None  # set by a trainer that keeps fp32 master weights
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, response_len: int, temperature: float = 1.0) -> Tensor:
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids(attention_mask),
-            logits_to_keep=response_len + 1,
-            use_cache=False,
-        )
+        """Logits [B, R, V] (float32) of the last ``response_len`` tokens of ``input_ids`` [B, P + R],
+        each from the prefix before it, divided by ``temperature``."""
+        with compute_in(self.compute_dtype, input_ids.device):
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids(attention_mask),
+                logits_to_keep=response_len + 1,
+                use_cache=False,
+            )
         logits = out.logits[:, :-1].float()
         return logits / temperature if temperature != 1.0 else logits
 
@@ -82,12 +150,24 @@ class ValueModule(torch.nn.Module):
     def __init__(self, model: PreTrainedModel):
         super().__init__()
         self.model = model
+        self.compute_dtype: torch.dtype | None = None  # set by a trainer that keeps fp32 master weights
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, response_len: int) -> Tensor:
-        hidden = self.model.base_model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False
-        ).last_hidden_state
-        return self.model.score(hidden[:, -response_len - 1 : -1]).squeeze(-1).float()
+        """Values [B, R] (float32) of the last ``response_len`` tokens of ``input_ids`` [B, P + R], each
+        from the hidden state of the prefix before it."""
+        with compute_in(self.compute_dtype, input_ids.device):
+            hidden = self.model.base_model(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False
+            ).last_hidden_state
+        return head_scores(self.model.score, hidden[:, -response_len - 1 : -1])
+
+
+def head_scores(score: torch.nn.Module, hidden: Tensor) -> Tensor:
+    """The value head on hidden states [..., H] -> [...] in float32. The head runs in its own
+    dtype, outside any autocast: a value of a few units rounded to bf16 loses two digits."""
+    weight = next(score.parameters())
+    with torch.autocast(hidden.device.type, enabled=False):
+        return score(hidden.to(weight.dtype)).squeeze(-1).float()
 
 
 def sequence_scores(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -97,4 +177,4 @@ def sequence_scores(model: PreTrainedModel, input_ids: Tensor, attention_mask: T
     ).last_hidden_state
     last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).long().argmax(-1)
     rows = torch.arange(hidden.shape[0], device=hidden.device)
-    return model.score(hidden[rows, last]).squeeze(-1).float()
+    return head_scores(model.score, hidden[rows, last])

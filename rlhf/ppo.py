@@ -79,7 +79,9 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
 def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, kl_coeff: float) -> Tensor:
     """r_t = -kl_coeff * (log pi(a_t) - log pi_ref(a_t)) on response tokens, 0 elsewhere.
 
-    This is the sampled ("k1") KL estimate, unbiased in expectation over a_t ~ pi.
+    This is the sampled ("k1") KL estimate, unbiased in expectation over a_t ~ pi. The per-token
+    penalty is that of Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences"
+    (arXiv:1909.08593); k1 is named in Schulman 2020, "Approximating KL Divergence" (blog note).
     """
     kl = logprobs - ref_logprobs
     return torch.where(mask.bool(), -kl_coeff * kl, torch.zeros_like(kl))
@@ -88,7 +90,8 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, kl_coeff: f
 def add_score_at_last_token(token_rewards: Tensor, scores: Tensor, mask: Tensor) -> Tensor:
     """r[b, last_b] += scores[b], last_b = max{t : mask[b,t] = 1}; rows with no response unchanged.
 
-    The sequence-level reward-model score is credited to the final action (EOS or truncation).
+    The sequence-level reward-model score is credited to the final action (EOS or truncation), so
+    that a response's rewards sum to score - kl_coeff * KL, as in Ziegler et al. 2019 (arXiv:1909.08593).
     """
     m = mask.bool()
     positions = torch.arange(m.shape[1], device=m.device).expand_as(m)
@@ -109,6 +112,8 @@ def compute_gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam
         A_t     = delta_t + gamma * lam * A_{t+1}   (A := 0 after the last response token)
         returns = A + V                          (before any whitening of A)
     Both outputs are 0 outside the mask. Computed without grad: they are PPO targets.
+    Schulman et al. 2016, "High-Dimensional Continuous Control Using Generalized Advantage
+    Estimation" (arXiv:1506.02438).
     """
     m = mask.to(values.dtype)
     T = rewards.shape[1]
@@ -166,6 +171,9 @@ def policy_loss(
     l_t   = max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)), aggregated by aggregate_loss.
     stats: clipfrac = masked mean of [-A clip(ratio) > -A ratio] (clipped branch active),
            approx_kl = masked mean of 0.5 (logp - old_logp)^2.
+    l_t is the negated L^CLIP of Schulman et al. 2017, "Proximal Policy Optimization Algorithms"
+    (arXiv:1707.06347), eq. 7; approx_kl is the "k2" estimate of Schulman 2020, "Approximating KL
+    Divergence" (blog note).
     """
     # Zero the log-ratio off-mask so garbage there cannot overflow exp and NaN the grads.
     log_ratio = torch.where(mask.bool(), logprobs - old_logprobs, torch.zeros_like(logprobs))
@@ -195,6 +203,9 @@ def value_loss(
     v_clip = old_v + clip(v - old_v, -eps, eps)
     l_t    = 0.5 max((v - R)^2, (v_clip - R)^2), aggregated by aggregate_loss.
     stats: clipfrac = masked mean of [(v_clip - R)^2 > (v - R)^2].
+    Not in the PPO paper: the value clipping of OpenAI Baselines' PPO2, examined in Engstrom et al.
+    2020, "Implementation Matters in Deep Policy Gradients: A Case Study on PPO and TRPO"
+    (arXiv:2005.12729).
     """
     v_clipped = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
     unclipped = (values - returns) ** 2
@@ -207,7 +218,8 @@ def value_loss(
 
 
 def update_running_moments(count, mean, m2, x: Tensor):
-    """Chan et al. parallel merge of (count, mean, M2) with a 1-D batch x.
+    """Parallel merge of (count, mean, M2) with a 1-D batch x (Chan, Golub & LeVeque 1979, "Updating
+    Formulae and a Pairwise Algorithm for Computing Sample Variances").
 
     n = n_a + n_b,  delta = mean_b - mean_a
     mean = mean_a + delta n_b / n
@@ -226,5 +238,6 @@ def update_running_moments(count, mean, m2, x: Tensor):
 
 
 def running_std(count, m2) -> float:
-    """Population std sqrt(M2 / count); 1.0 while count < 2 (no scaling yet)."""
+    """Population std sqrt(M2 / count) of the moments of update_running_moments (Chan et al. 1979);
+    1.0 while count < 2 (no scaling yet)."""
     return math.sqrt(m2 / count) if count >= 2 else 1.0

@@ -9,6 +9,9 @@ import sys
 
 
 class PreemptionNotice:
+    """Whether Slurm has asked the job to stop: ``requested`` turns true on ``signum`` (SIGUSR1), and
+    the loop then checkpoints after its current step and asks for a requeue."""
+
     def __init__(self, signum: int = signal.SIGUSR1):
         self.requested = False
         signal.signal(signum, self._on_signal)

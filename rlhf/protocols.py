@@ -72,6 +72,8 @@ class Trainer(Protocol):
     batch, ``step`` per minibatch."""
 
     module: torch.nn.Module
+    weight_dtype: torch.dtype  # the dtype weights are published in: to a generator, in exports
+    generates_in_lockstep: bool  # ranks must generate in step (ZeRO-3 hooks communicate on every forward)
 
     def backward(self, loss: Tensor) -> None:
         """Accumulate the gradient of a loss normalised by the whole minibatch."""
@@ -83,8 +85,9 @@ class Trainer(Protocol):
     def lr(self) -> float:
         """The learning rate of the next step."""
 
-    def gathered(self) -> AbstractContextManager[None]:
-        """Every parameter whole on this rank for the duration (ZeRO-3), e.g. to generate."""
+    def gathered(self, params: list[Tensor] | None = None) -> AbstractContextManager[None]:
+        """``params`` (default: every parameter) whole on this rank for the duration (ZeRO-3), e.g. to
+        generate or to send one layer to the generators."""
 
     def save(self, directory: Path, name: str, is_writer: bool) -> None:
         """Write the model and optimizer state into a checkpoint folder."""

@@ -26,6 +26,9 @@ Batch = dict[str, Tensor]
 
 @dataclass(frozen=True)
 class SamplingSettings:
+    """How responses are sampled, resolved from the spec: generate_kwargs, max_new_tokens, the stop
+    tokens (end-of-sequence, then answer_end_id) and the padding token."""
+
     do_sample: bool
     temperature: float
     top_k: int
@@ -37,6 +40,7 @@ class SamplingSettings:
 
     @staticmethod
     def from_spec(spec: JobSpec, eos_id: int, pad_id: int) -> SamplingSettings:
+        """Settings from the spec; the tokenizer's ``eos_id`` and ``pad_id`` fill what generate_kwargs leaves unset."""
         gk = spec.rollout_config.generate_kwargs
         eos = gk.eos_token_id if gk.eos_token_id is not None else eos_id
         stops = [eos] + [spec.repeater_config.answer_end_id] * (spec.repeater_config.answer_end_id not in (None, eos))
@@ -52,9 +56,13 @@ class SamplingSettings:
         )
 
     def generation_config(self) -> GenerationConfig:
+        """A Hugging Face GenerationConfig of these settings (greedy: temperature 1, no top-k or top-p)."""
         # Every sampling knob set explicitly: generate() fills unset ones from the checkpoint's own
         # generation_config.json and then from library defaults (top_k 50), which would change the policy.
-        sampling = dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p) if self.do_sample else dict(temperature=1.0, top_k=0, top_p=1.0)
+        if self.do_sample:
+            sampling = dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+        else:
+            sampling = dict(temperature=1.0, top_k=0, top_p=1.0)
         return GenerationConfig(
             do_sample=self.do_sample,
             num_beams=1,
@@ -78,6 +86,7 @@ def response_mask(response_ids: Tensor, stop_ids: tuple[int, ...]) -> Tensor:
 
 
 def pad_right(chunks: list[Tensor], value: int) -> Tensor:
+    """``chunks`` ([b_i, r_i]) stacked along rows, each right-padded with ``value`` to the widest r_i."""
     width = max(c.shape[1] for c in chunks)
     return torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=value) for c in chunks])
 
@@ -91,11 +100,15 @@ def hf_generate(
     micro_bs: int,
     first_row: int = 0,
     seed_of: Callable[[int], int] | None = None,
+    lockstep: bool = False,
 ) -> Batch:
     """Sample one response per prompt with Hugging Face generate, ``micro_bs`` prompts at a time.
 
     With ``seed_of``, the sampler is seeded from the global row of each chunk's first prompt
     (``first_row`` is this shard's), so responses do not depend on how the batch is sharded.
+    ``lockstep``: every rank of the default group runs forward passes until all are done
+    (``synced_gpus``). A ZeRO-3 model needs it: its parameter hooks communicate on every
+    forward, so a rank whose responses all stopped early must not leave while others go on.
     """
     config = settings.generation_config()
     chunks = []
@@ -103,7 +116,7 @@ def hf_generate(
         if seed_of is not None:
             torch.manual_seed(seed_of(first_row + start))
         ids, mask = prompt_ids[start : start + micro_bs], prompt_mask[start : start + micro_bs]
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, synced_gpus=lockstep)
         chunks.append(out[:, ids.shape[1] :])
     return rollout_batch(prompt_ids, prompt_mask, chunks, settings)
 
@@ -126,4 +139,5 @@ def sequences(batch: Batch) -> tuple[Tensor, Tensor]:
 
 
 def select(batch: Batch, index: Tensor | slice) -> Batch:
+    """The rows ``index`` (a slice or index tensor) of every tensor in ``batch``."""
     return {k: v[index] for k, v in batch.items()}

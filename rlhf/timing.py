@@ -4,20 +4,29 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 
 class Timer:
-    def __init__(self) -> None:
+    """Seconds per named section: ``with timer("generate"):`` adds the block's wall-clock time to that section.
+
+    ``synchronize`` (``torch.cuda.synchronize`` on a GPU) runs at both ends of every section: GPU
+    work is queued, so without it a section would measure how long its kernels took to launch
+    and the next section would pay for them."""
+
+    def __init__(self, synchronize: Callable[[], None] | None = None) -> None:
         self.totals: dict[str, float] = defaultdict(float)
+        self.synchronize = synchronize or (lambda: None)
 
     @contextmanager
     def __call__(self, section: str) -> Iterator[None]:
+        self.synchronize()
         start = time.perf_counter()
         try:
             yield
         finally:
+            self.synchronize()
             self.totals[section] += time.perf_counter() - start
 
     def pop(self) -> dict[str, float]:

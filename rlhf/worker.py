@@ -10,6 +10,54 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
+
+# Set by ``rlhf-launch --local``: a pipe whose write end only the launcher holds, and its pid.
+LAUNCHER_FD_ENV = "RLHF_LAUNCHER_FD"
+LAUNCHER_PID_ENV = "RLHF_LAUNCHER_PID"
+LAUNCHER_GONE_EXIT = 3
+
+
+class LauncherGuard:
+    """Ends this rank when the ``--local`` launcher that started it is gone.
+
+    The launcher runs its ranks in sessions of their own (a Ctrl-C must reach only the launcher,
+    which stops them), so nothing stops them when it dies from a SIGKILL, the OOM killer or a
+    closed terminal. Each rank blocks on the read end of a pipe whose write end only the launcher
+    holds: the kernel closes it with the launcher, the read returns EOF, and the rank exits. This
+    works on Linux and macOS alike (unlike prctl's parent-death signal). Slurm-started ranks have
+    no such pipe: srun and Slurm take care of them.
+    """
+
+    def __init__(self, fd: int, launcher_pid: str, name: str):
+        self.fd, self.launcher_pid, self.name = fd, launcher_pid, name
+        self.thread = threading.Thread(target=self._watch, name="rlhf-launcher-guard", daemon=True)
+        self.thread.start()
+
+    @classmethod
+    def from_env(cls, env=os.environ) -> LauncherGuard | None:
+        """A guard when started by ``--local``; the variables are removed, so that processes this
+        rank starts do not take a descriptor number that means nothing to them for the pipe."""
+        fd = env.pop(LAUNCHER_FD_ENV, None)
+        pid = env.pop(LAUNCHER_PID_ENV, "?")
+        if fd is None:
+            return None
+        fd = int(fd)
+        os.set_inheritable(fd, False)
+        rank = int(env.get("RLHF_RANK_OFFSET", "0")) + int(env.get("SLURM_PROCID", "0"))
+        return cls(fd, pid, f"global rank {rank}")
+
+    def _watch(self) -> None:
+        while True:
+            try:
+                if os.read(self.fd, 1) == b"":
+                    break
+            except InterruptedError:
+                continue
+            except OSError:
+                break  # a closed or bad descriptor: the link to the launcher is lost just the same
+        print(f"rlhf: {self.name} stopping: the launcher (pid {self.launcher_pid}) is gone", file=sys.stderr, flush=True)
+        os._exit(LAUNCHER_GONE_EXIT)
 
 
 def _configure_threads() -> None:
@@ -22,14 +70,17 @@ def _configure_threads() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run this rank to the end of the job; returns the exit status (failures exit from fail_fast)."""
     p = argparse.ArgumentParser(prog="python -m rlhf.worker", description="One rank of an rlhf-launch job.")
     p.add_argument("--spec", required=True, help="the run's resolved spec (RUN_DIR/spec.yaml)")
     p.add_argument("--resume", default=None, help="auto, or a checkpoint folder")
     args = p.parse_args(argv)
-    # First thing: a notice that arrives while torch is still importing must not kill the rank.
+    # First thing: a notice that arrives while torch is still importing must not kill the rank,
+    # and a rank whose launcher died while it imports must not go on to train.
     from rlhf.preemption import PreemptionNotice
 
     notice = PreemptionNotice()
+    guard = LauncherGuard.from_env()
 
     from rlhf.core.resolved import ResolvedSpecError, load_resolved
 
@@ -49,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # DeepSpeed reads these (and tries MPI discovery without LOCAL_RANK).
     os.environ.update(RANK=str(topo.rank), WORLD_SIZE=str(topo.world_size), LOCAL_RANK=str(topo.local_rank))
+    if guard is not None:
+        guard.name = topo.describe(topo.rank)
     _configure_threads()
     import torch
 
@@ -68,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cluster = Distributed(topo, device, store)
         run(spec, run_dir, args.resume, cluster=cluster, device=device, notice=notice)
-        cluster.barrier()
+        cluster.close()  # a real barrier: rank 0 hosts the store and must not leave first
     except BaseException as exc:  # noqa: BLE001 - every failure must reach the other ranks
         fail_fast(watchdog, exc)
     watchdog.stop()

@@ -153,7 +153,10 @@ def test_resolve_resume(tmp_path):
     "given, message",
     [
         ("missing", "no such file or folder; expected 'auto', a checkpoint folder"),
-        ("run/checkpoints/step-00000009", "no valid COMPLETE marker (an interrupted save?); expected a complete checkpoint (the latest complete one is"),
+        (
+            "run/checkpoints/step-00000009",
+            "no valid COMPLETE marker (an interrupted save?); expected a complete checkpoint (the latest complete one is",
+        ),
         ("empty_run", "run folder has no complete checkpoint"),
         ("plain", "neither a checkpoint nor a run folder"),
         ("file.txt", "not a folder"),

@@ -86,11 +86,20 @@ def test_schema_check_command():
     assert main(["schema", "--check"]) == 0
 
 
-def test_local_run_needs_its_local_model_folders(tmp_path, capsys):
-    args = [str(SPECS[0].parent / "tiny_cpu.yaml"), "--local", "--output-dir", str(tmp_path), "--set", f"model_configs.critic.model_path={tmp_path / 'missing'}"]
+@pytest.mark.parametrize("check", [True, False], ids=["checked", "no-check"])
+def test_local_run_needs_its_local_model_folders(tmp_path, capsys, check):
+    args = [
+        str(SPECS[0].parent / "tiny_cpu.yaml"),
+        "--local",
+        "--output-dir", str(tmp_path),
+        "--set", f"model_configs.critic.model_path={tmp_path / 'missing'}",
+    ] + ([] if check else ["--no-check"])
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert f"model_configs.critic.model_path: {tmp_path / 'missing'}" in err and "build or download them first" in err
+    if check:  # the pre-flight check finds it (launcher/preflight.py)
+        assert f"model_configs.critic.model_path: local folder {tmp_path / 'missing'} does not exist" in err
+    else:
+        assert f"model_configs.critic.model_path: {tmp_path / 'missing'}" in err and "build or download them first" in err
     assert not (tmp_path / "tiny_cpu" / "logs").exists()  # no rank was started
 
 

@@ -79,7 +79,10 @@ def test_invalid_converted_config_shows_every_problem(tmp_path, capsys):
 
 
 def test_trainer_level_dtype_moves_to_the_model(tmp_path):
-    text = SEED.read_text().replace('trainer_config=dict(trainer_type="huggingface", parallel=dict(_parallel)),\n    ),\n    critic', 'trainer_config=dict(torch_dtype="auto", trainer_type="huggingface", parallel=dict(_parallel)),\n    ),\n    critic')
+    text = SEED.read_text().replace(
+        'trainer_config=dict(trainer_type="huggingface", parallel=dict(_parallel)),\n    ),\n    critic',
+        'trainer_config=dict(torch_dtype="auto", trainer_type="huggingface", parallel=dict(_parallel)),\n    ),\n    critic',
+    )
     text = text.replace('model_type="reference",\n        torch_dtype=torch.bfloat16,', 'model_type="reference",')
     data = convert_file(write(tmp_path, text))
     assert data["model_configs"]["reference"]["torch_dtype"] == "auto"

@@ -44,7 +44,11 @@ LAYOUTS = {
 
 
 def launch(tmp_path, sets, name="run", resume=False):
-    args = [sys.executable, "-m", "launcher.cli", str(TINY), "--local", "--output-dir", str(tmp_path), "--set", f"run.name={name}"]
+    args = [
+        sys.executable, "-m", "launcher.cli", str(TINY), "--local", "--processes",
+        "--output-dir", str(tmp_path),
+        "--set", f"run.name={name}",
+    ]
     for s in sets:
         args += ["--set", s]
     return subprocess.run([*args, "--resume"] if resume else args, capture_output=True, text=True, timeout=600, cwd=ROOT)
@@ -80,7 +84,10 @@ def killed_engine_leftovers():
 
 
 GREEDY = [*BASE, "rollout_config.generate_kwargs.do_sample=false"]
-GENERATOR = "model_configs.actor.generator_config={{shared_with_trainer: false, generator_type: {}, parallel: {{data: {{size: {}}}, tensor: {{size: {}}}}}}}"
+GENERATOR = (
+    "model_configs.actor.generator_config={{shared_with_trainer: false, generator_type: {}, "
+    "parallel: {{data: {{size: {}}}, tensor: {{size: {}}}}}}}"
+)
 
 
 @pytest.mark.slow
@@ -168,7 +175,13 @@ def test_rendezvous_timeout_names_the_missing_ranks(tiny_models, tmp_path):
 
     (tmp_path / "spec.yaml").write_text(yaml_io.dump(loaded.spec.to_dict()))
     env = {**os.environ, **rank_environments(loaded.plan, free_port(), 1)[0]}
-    proc = subprocess.run([sys.executable, "-m", "rlhf.worker", "--spec", str(tmp_path / "spec.yaml")], env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlhf.worker", "--spec", str(tmp_path / "spec.yaml")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 3
     assert "never arrived: critic rank 0 (global rank 1), reference rank 0 (global rank 2), reward rank 0 (global rank 3)" in proc.stderr
 
@@ -195,7 +208,7 @@ def test_preemption_notice_checkpoints_and_resume_finishes(tiny_models, tmp_path
     """SIGUSR1 (what the sbatch script forwards before a time limit) -> checkpoint after the
     current step, a requeue request, exit 0; --resume then finishes the run."""
     sets = ["train_config.max_train_step=200", "train_config.save_interval=0"]
-    args = [sys.executable, "-m", "launcher.cli", str(TINY), "--local", "--output-dir", str(tmp_path)]
+    args = [sys.executable, "-m", "launcher.cli", str(TINY), "--local", "--processes", "--output-dir", str(tmp_path)]
     for s in sets:
         args += ["--set", s]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)

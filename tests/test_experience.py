@@ -7,14 +7,8 @@ import math
 import pytest
 import torch
 
-from launcher.spec import load_spec
 from rlhf.experience import RewardMoments, make_experience
-from tests.conftest import ROOT
-
-
-def spec(**overrides):
-    sets = [f"{k}={v}" for k, v in overrides.items()]
-    return load_spec(ROOT / "specs" / "internlm2_1_8b.yaml", sets).spec
+from tests.factory import make_spec
 
 
 def plain_experience(logp, ref, values, scores, mask, kl_coeff, gamma, lam, lo, hi, norm):
@@ -45,15 +39,18 @@ def plain_experience(logp, ref, values, scores, mask, kl_coeff, gamma, lam, lo, 
 
 @pytest.mark.parametrize("norm, gamma, lam", [(True, 1.0, 0.95), (False, 0.9, 0.8)])
 def test_experience_matches_plain_loops(norm, gamma, lam):
-    s = spec(**{"repeater_config.norm_adv": str(norm).lower(), "repeater_config.gamma": gamma, "repeater_config.gae_lambda": lam, "repeater_config.kl_coeff": 0.1})
+    s = make_spec({"repeater_config.norm_adv": norm, "repeater_config.gamma": gamma, "repeater_config.gae_lambda": lam,
+                   "repeater_config.kl_coeff": 0.1, "rollout_config.clip_reward_min": -1.5, "rollout_config.clip_reward_max": 1.5})
     g = torch.Generator().manual_seed(0)
     B, T = 4, 6
     mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0]])
     logp, ref, values = (torch.randn(B, T, generator=g, dtype=torch.float64) for _ in range(3))
     scores = torch.tensor([0.5, 3.0, -4.0, 1.0], dtype=torch.float64)  # two outside the clip range
-    rollout = {"response_mask": mask, "response_ids": torch.zeros(B, T, dtype=torch.long), "finished": torch.tensor([True, False, True, True])}
+    rollout = {"response_mask": mask, "response_ids": torch.zeros(B, T, dtype=torch.long),
+               "finished": torch.tensor([True, False, True, True])}
     exp, metrics = make_experience(s, rollout, logp, ref, values, scores, RewardMoments())
-    adv, ret = plain_experience(logp.tolist(), ref.tolist(), values.tolist(), scores.tolist(), mask.tolist(), 0.1, gamma, lam, -1.5, 1.5, norm)
+    adv, ret = plain_experience(logp.tolist(), ref.tolist(), values.tolist(), scores.tolist(), mask.tolist(),
+                                0.1, gamma, lam, -1.5, 1.5, norm)
     torch.testing.assert_close(exp["advantages"], torch.tensor(adv, dtype=torch.float64), rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(exp["returns"], torch.tensor(ret, dtype=torch.float64), rtol=1e-9, atol=1e-9)
     assert metrics["reward_mean"] == pytest.approx(0.125)
@@ -64,7 +61,8 @@ def test_experience_matches_plain_loops(norm, gamma, lam):
 
 
 def test_reward_scale_divides_by_the_running_std():
-    s = spec(**{"repeater_config.reward_scale": "true", "repeater_config.kl_coeff": 0.0, "repeater_config.norm_adv": "false", "repeater_config.gamma": 1.0, "repeater_config.gae_lambda": 1.0})
+    s = make_spec({"repeater_config.reward_scale": True, "repeater_config.kl_coeff": 0.0, "repeater_config.norm_adv": False,
+                   "repeater_config.gamma": 1.0, "repeater_config.gae_lambda": 1.0})
     moments = RewardMoments()
     mask = torch.ones(2, 1, dtype=torch.long)
     zeros = torch.zeros(2, 1, dtype=torch.float64)

@@ -49,3 +49,25 @@ def test_importing_every_core_module_loads_no_torch():
     code = f"import sys; import {', '.join(modules)}; print(sorted(m for m in ('torch', 'transformers', 'launcher') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
     assert out.strip() == "[]"
+
+
+def missing_docstrings(folder: Path) -> list[str]:
+    """Public classes, functions and methods without a docstring (``__init__`` excepted)."""
+    found = []
+    for path in sorted(folder.rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+
+        def visit(nodes, prefix: str = "", path: Path = path) -> None:
+            for node in nodes:
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+                    if ast.get_docstring(node) is None:
+                        found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {prefix}{node.name}")
+                    if isinstance(node, ast.ClassDef):
+                        visit(node.body, f"{prefix}{node.name}.", path)
+
+        visit(tree.body)
+    return found
+
+
+def test_every_public_class_and_function_says_what_it_is():
+    assert missing_docstrings(ROOT / "rlhf") + missing_docstrings(ROOT / "launcher") == []

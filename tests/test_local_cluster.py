@@ -87,7 +87,19 @@ def _wait_for(env: dict[str, str], job: str, state: str, timeout: float, log: Pa
             break
         time.sleep(0.3)
     detail = log.read_text() if log and log.exists() else "(no output)"
-    pytest.fail(f"job {job}: states {states}, wanted {state} within {timeout}s\n{detail}")
+    pytest.fail(f"job {job}: states {states}, wanted {state} within {timeout}s\n{detail}\n{_ctld_log_lines(env, job)}")
+
+
+def _ctld_log_lines(env: dict[str, str], job: str) -> str:
+    """slurmctld's lines about a job: a failed launch says why only there (e.g. "Killing non-startable")."""
+    config = subprocess.run(["scontrol", "show", "config"], env=env, capture_output=True, text=True, timeout=60).stdout
+    match = re.search(r"^SlurmctldLogFile\s*=\s*(\S+)", config, re.M)
+    try:
+        lines = Path(match.group(1)).read_text(errors="replace").splitlines() if match else []
+    except OSError as e:
+        return f"(slurmctld log unreadable: {e})"
+    ids = re.compile(rf"JobId={job}\b")
+    return "slurmctld.log:\n" + "\n".join([line for line in lines if ids.search(line)][-30:])
 
 
 def _wait_for_text(path: Path, text: str, timeout: float) -> None:
@@ -189,9 +201,12 @@ def test_requeued_hetjob_runs_again(slurm_env, tmp_path):
         _run(slurm_env, "scontrol", "requeue", job)
         # A requeued job is held cred_expire+1 s (11 s here), and a hetjob then may wait ~15 s more for
         # backfill. Resetting StartTime once every component is PENDING restarts it in ~1 s; sent
-        # earlier, the leader (requeued last) keeps its hold.
+        # earlier, the leader (requeued last) keeps its hold. Not "now": the hold also keeps the relaunch's
+        # credential newer, in whole seconds, than the revocation the requeue sent to the nodes, and slurmd
+        # refuses one from the same second ("Job credential revoked": FAILED) if the requeue, this update and
+        # a backfill pass share a second. now+1, read after the requeue returned, is always a second later.
         _wait_for(slurm_env, job, "PENDING", timeout=20, log=out)
-        _run(slurm_env, "scontrol", "update", f"jobid={job}", "StartTime=now")
+        _run(slurm_env, "scontrol", "update", f"jobid={job}", "StartTime=now+1")
         _wait_for(slurm_env, job, "COMPLETED", timeout=60, log=out)
         _wait_for_text(out, "END 1", timeout=5)
         assert "END 0" not in out.read_text()

@@ -15,8 +15,31 @@ from rlhf.metrics import read_metrics
 from tests.conftest import ROOT
 
 TINY = ROOT / "specs" / "tiny_cpu.yaml"
-TIMING = {"weight_sync_time_s", "step_time_s", "generate_time_s", "score_time_s", "train_time_s", "forward_time_s", "backward_time_s", "optimizer_time_s", "gen_tokens_per_s"}
-REQUIRED = {"step", "reward_mean", "kl", "policy_loss", "value_loss", "entropy", "response_len_mean", "step_time_s", "gen_tokens_per_s", "generate_time_s", "score_time_s", "train_time_s"}
+TIMING = {
+    "weight_sync_time_s",
+    "step_time_s",
+    "generate_time_s",
+    "score_time_s",
+    "train_time_s",
+    "forward_time_s",
+    "backward_time_s",
+    "optimizer_time_s",
+    "gen_tokens_per_s",
+}
+REQUIRED = {
+    "step",
+    "reward_mean",
+    "kl",
+    "policy_loss",
+    "value_loss",
+    "entropy",
+    "response_len_mean",
+    "step_time_s",
+    "gen_tokens_per_s",
+    "generate_time_s",
+    "score_time_s",
+    "train_time_s",
+}
 
 
 def tiny(*overrides):
@@ -38,7 +61,13 @@ def without_timing(rows):
 
 
 def test_resumed_run_equals_an_uninterrupted_run(tiny_models, tmp_path):
-    sets = ("train_config.save_interval=2", "dataset_config.num_samples_each_epoch=16", "train_config.ppo_minibatch=8", "train_config.value_minibatch=8", "repeater_config.reward_scale=true")
+    sets = (
+        "train_config.save_interval=2",
+        "dataset_config.num_samples_each_epoch=16",
+        "train_config.ppo_minibatch=8",
+        "train_config.value_minibatch=8",
+        "repeater_config.reward_scale=true",
+    )
     straight = tmp_path / "straight"
     run_local(tiny(*sets, "train_config.max_train_step=4"), straight, quiet=True)
     resumed = tmp_path / "resumed"
@@ -56,7 +85,11 @@ def test_resumed_run_equals_an_uninterrupted_run(tiny_models, tmp_path):
 
 
 def test_python_reward_function(tiny_models, tmp_path):
-    spec = tiny("model_configs.reward.model_path=null", "model_configs.reward.reward_function=rlhf.rewards:vowel_ratio", "train_config.max_train_step=1")
+    spec = tiny(
+        "model_configs.reward.model_path=null",
+        "model_configs.reward.reward_function=rlhf.rewards:vowel_ratio",
+        "train_config.max_train_step=1",
+    )
     (row,) = run_local(spec, tmp_path / "run", quiet=True)
     assert -1.0 <= row["reward_mean"] <= 1.0
 

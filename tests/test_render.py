@@ -4,7 +4,9 @@ stand-in srun/scontrol commands."""
 from __future__ import annotations
 
 import os
+import re
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -67,9 +69,15 @@ STUB_SRUN = r"""#!/bin/bash
 group=""
 for arg in "$@"; do case "$arg" in --het-group=*) group=${arg#--het-group=};; esac; done
 printf '%s\n' "$@" > "$STUB_DIR/srun-$group.args"
-env | grep '^RLHF_\|^MASTER_' | sort > "$STUB_DIR/srun-$group.env"
+env | grep '^RLHF_\|^MASTER_\|_OFFLINE=' | sort > "$STUB_DIR/srun-$group.env"
 sleeper=""
-on_usr1() { echo usr1 >> "$STUB_DIR/srun-$group.signals"; mkdir -p "$RUN_DIR_FOR_STUB/checkpoints"; touch "$RUN_DIR_FOR_STUB/checkpoints/requeue"; kill $sleeper 2>/dev/null; exit 0; }
+on_usr1() {
+  echo usr1 >> "$STUB_DIR/srun-$group.signals"
+  mkdir -p "$RUN_DIR_FOR_STUB/checkpoints"
+  touch "$RUN_DIR_FOR_STUB/checkpoints/requeue"
+  kill $sleeper 2>/dev/null
+  exit 0
+}
 trap on_usr1 USR1
 trap 'echo term >> "$STUB_DIR/srun-$group.signals"; kill $sleeper 2>/dev/null; exit 143' TERM
 behaviour=STUB_$group
@@ -123,7 +131,7 @@ def test_script_runs_each_component_with_its_group_and_offset(stub_env):
         assert args[-4:] == ["-m", "rlhf.worker", "--spec", f"{run_dir}/spec.yaml"]
         environ = (tmp_path / f"srun-{group}.env").read_text()
         assert "MASTER_ADDR=node-a" in environ and "RLHF_WORLD_SIZE=22" in environ
-        assert f"MASTER_PORT={20000 + 4242 % 20000}" in environ
+        assert f"MASTER_PORT={first_port_candidate(4242, 0)}" in environ
 
 
 def test_hostile_values_are_passed_verbatim_never_executed(stub_env):
@@ -180,6 +188,41 @@ def test_requeued_job_resumes_automatically(stub_env):
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
     assert "--resume\nauto\n" in (tmp_path / "srun-0.args").read_text()
+    # and meets at a new port: the first attempt's store may still be closing
+    port = first_port_candidate(4242, 1)
+    assert port != first_port_candidate(4242, 0)
+    assert f"MASTER_PORT={port}" in (tmp_path / "srun-0.env").read_text()
+
+
+def first_port_candidate(job: int, restart: int, attempt: int = 0) -> int:
+    """The script's port candidate, computed as the script does (POSIX cksum)."""
+    digest = subprocess.run(["cksum"], input=f"{job}/{restart}/{attempt}", capture_output=True, text=True, check=True)
+    return 20000 + int(digest.stdout.split()[0]) % 12768
+
+
+def test_a_port_something_listens_on_is_skipped(stub_env):
+    tmp_path, run_dir, env = stub_env
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", first_port_candidate(4242, 0)))
+        busy.listen()
+        proc = start(rendered("internlm2_1_8b", JobFiles(str(run_dir), "/opt/env/bin/python")), tmp_path, env)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    port = int(re.search(r"MASTER_PORT=(\d+)", (tmp_path / "srun-0.env").read_text()).group(1))
+    assert port == first_port_candidate(4242, 0, attempt=1) and 20000 <= port < 32768
+
+
+def test_compute_nodes_are_offline_by_default_and_ranks_are_placed_in_blocks(stub_env):
+    tmp_path, run_dir, env = stub_env
+    env = {k: v for k, v in env.items() if not k.endswith("_OFFLINE")}
+    proc = start(rendered("internlm2_1_8b", JobFiles(str(run_dir), "/opt/env/bin/python")), tmp_path, {**env, "HF_DATASETS_OFFLINE": "0"})
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    environ = (tmp_path / "srun-0.env").read_text().splitlines()
+    assert "HF_HUB_OFFLINE=1" in environ and "TRANSFORMERS_OFFLINE=1" in environ
+    assert "HF_DATASETS_OFFLINE=0" in environ  # set before submitting: kept
+    assert "--distribution=block" in (tmp_path / "srun-0.args").read_text().splitlines()
+    assert "#SBATCH --mem=0" in rendered("internlm2_1_8b")
 
 
 def test_script_is_valid_bash():

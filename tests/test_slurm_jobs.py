@@ -38,7 +38,11 @@ def slurm_env():
 
 
 def submit(env, out_dir, sets, name, resume=False, spec=TINY):
-    args = [sys.executable, "-m", "launcher.cli", str(spec), "--partition", "debug", "--output-dir", str(out_dir), "--set", f"run.name={name}"]
+    args = [
+        sys.executable, "-m", "launcher.cli", str(spec), "--partition", "debug",
+        "--output-dir", str(out_dir),
+        "--set", f"run.name={name}",
+    ]
     for s in sets:
         args += ["--set", s]
     if resume:
@@ -60,14 +64,22 @@ def wait_for_end(env, job_id, timeout=420, nudge=True) -> list[dict]:
         if states and all(s["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY") for s in states):
             return states
         if nudge and states and states[0]["JobState"] == "PENDING":
-            # A requeued hetjob waits for the backfill scheduler; ask it to start now.
-            subprocess.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], capture_output=True, env=env)
+            # A requeued hetjob is held cred_expire+1 s, then waits for the backfill scheduler: ask for a start
+            # in ~1 s. Not "now": slurmd refuses a relaunch whose credential is from the second of the requeue's
+            # revocation ("Job credential revoked", the job ends FAILED). The leader is PENDING only once the
+            # requeue is done, so now+1 is always a later second.
+            subprocess.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now+1"], capture_output=True, env=env)
         time.sleep(2)
     pytest.fail(f"job {job_id} did not end within {timeout} s: {job_states(env, job_id)}")
 
 
 def without_timing(rows):
     return [{k: r[k] for k in COMPARED} | {"step": r["step"]} for r in rows]
+
+
+def status_of(run_dir, env) -> str:
+    """What ``rlhf-launch status RUN_DIR`` prints."""
+    return subprocess.run([sys.executable, "-m", "launcher.cli", "status", str(run_dir)], capture_output=True, text=True, env=env).stdout
 
 
 def test_three_component_hetjob_trains(tiny_models, slurm_env, tmp_path):
@@ -81,7 +93,7 @@ def test_three_component_hetjob_trains(tiny_models, slurm_env, tmp_path):
     for a, b in zip(rows, single, strict=True):
         for key in COMPARED:
             assert a[key] == pytest.approx(b[key], abs=1e-5)
-    status = subprocess.run([sys.executable, "-m", "launcher.cli", "status", str(tmp_path / "het")], capture_output=True, text=True, env=slurm_env).stdout
+    status = status_of(tmp_path / "het", slurm_env)
     assert "trainer" in status and "COMPLETED" in status and "training: completed at step 3/3" in status
 
 
@@ -121,10 +133,15 @@ def test_signalled_job_checkpoints_requeues_and_finishes_like_an_uninterrupted_o
 
 
 def test_a_crashing_role_fails_the_job_and_status_names_it(tiny_models, slurm_env, tmp_path):
-    job = submit(slurm_env, tmp_path, [*THREE_GROUPS, "train_config.max_train_step=3", "model_configs.reward.model_path=/nonexistent/reward"], "crash")
+    job = submit(
+        slurm_env,
+        tmp_path,
+        [*THREE_GROUPS, "train_config.max_train_step=3", "model_configs.reward.model_path=/nonexistent/reward"],
+        "crash",
+    )
     states = wait_for_end(slurm_env, job, timeout=300)
     assert states[0]["JobState"] in ("FAILED", "CANCELLED"), states
-    status = subprocess.run([sys.executable, "-m", "launcher.cli", "status", str(tmp_path / "crash")], capture_output=True, text=True, env=slurm_env).stdout
+    status = status_of(tmp_path / "crash", slurm_env)
     assert "reward rank 0" in status and "failed" in status, status
 
 

@@ -25,7 +25,12 @@ def smollm2_dir():
 
 def test_conversion_gives_the_published_architecture(smollm2_dir):
     config = json.loads((smollm2_dir / "config.json").read_text())
-    assert (config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"]) == (30, 576, 9, 3)
+    assert (
+        config["num_hidden_layers"],
+        config["hidden_size"],
+        config["num_attention_heads"],
+        config["num_key_value_heads"],
+    ) == (30, 576, 9, 3)
     assert "quantization_config" not in config
     assert (smollm2_dir / STAMP_NAME).is_file()
     assert smollm2.build(smollm2_dir) == smollm2_dir  # up to date: nothing redone
@@ -36,7 +41,12 @@ def test_the_converted_model_knows_things(smollm2_dir):
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     out = model.generate(**ids, max_new_tokens=20, do_sample=False)
     answer = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer, answer

@@ -139,34 +139,85 @@ def test_floats_without_a_dot_are_numbers(tmp_path):
 @pytest.mark.parametrize(
     "change, key, message",
     [
-        ({"model_configs__actor__trainer_config__parallel__tensor": {"size": 2, "mode": "1d"}}, "model_configs.actor.trainer_config.parallel.tensor.size", "not supported yet"),
-        ({"model_configs__critic__trainer_config__parallel__pipeline": {"size": 2}}, "model_configs.critic.trainer_config.parallel.pipeline.size", "not supported yet"),
-        ({"model_configs__reward__trainer_config__parallel__sequence": True}, "model_configs.reward.trainer_config.parallel.sequence", "not supported yet"),
+        (
+            {"model_configs__actor__trainer_config__parallel__tensor": {"size": 2, "mode": "1d"}},
+            "model_configs.actor.trainer_config.parallel.tensor.size",
+            "not supported yet",
+        ),
+        (
+            {"model_configs__critic__trainer_config__parallel__pipeline": {"size": 2}},
+            "model_configs.critic.trainer_config.parallel.pipeline.size",
+            "not supported yet",
+        ),
+        (
+            {"model_configs__reward__trainer_config__parallel__sequence": True},
+            "model_configs.reward.trainer_config.parallel.sequence",
+            "not supported yet",
+        ),
         ({"repeater_config__fine_grained_rm": True}, "repeater_config.fine_grained_rm", "not supported yet"),
         ({"repeater_config__value_ema": True}, "repeater_config.value_ema", "not supported yet"),
         ({"rollout_config__generate_kwargs__num_beams": 4}, "rollout_config.generate_kwargs.num_beams", "not supported yet"),
-        ({"model_configs__actor__generator_config": {"shared_with_trainer": True, "generator_type": "vllm"}}, "model_configs.actor.generator_config.generator_type", "needs its own GPUs"),
-        ({"model_configs__actor__generator_config": {"shared_with_trainer": False, "parallel": {"tensor": {"size": 2}}}}, "model_configs.actor.generator_config.parallel.tensor.size", "only vLLM generators shard"),
-        ({"model_configs__actor__trainer_config__parallel__data": {"size": 1, "mode": "deepspeed"}}, "model_configs.actor.trainer_config.deepspeed_config", "needs a deepspeed_config with zero_optimization.stage"),
-        ({"model_configs__critic__trainer_config__deepspeed_config": {"zero_optimization": {"stage": 3}}}, "model_configs.critic.trainer_config.deepspeed_config", "set, but parallel.data.mode is 'ddp'"),
-        ({"model_configs__reference__trainer_config__parallel__data": {"size": 1, "mode": "deepspeed"}}, "model_configs.reference.trainer_config.parallel.data.mode", "DeepSpeed inference is not supported yet"),
-        ({"model_configs__reward__trainer_config__train_kwargs": {"lr": 1.0}}, "model_configs.reward.trainer_config.train_kwargs", "not trained"),
+        (
+            {"model_configs__actor__generator_config": {"shared_with_trainer": True, "generator_type": "vllm"}},
+            "model_configs.actor.generator_config.generator_type",
+            "needs its own GPUs",
+        ),
+        (
+            {"model_configs__actor__generator_config": {"shared_with_trainer": False, "parallel": {"tensor": {"size": 2}}}},
+            "model_configs.actor.generator_config.parallel.tensor.size",
+            "only vLLM generators shard",
+        ),
+        (
+            {"model_configs__actor__trainer_config__parallel__data": {"size": 1, "mode": "deepspeed"}},
+            "model_configs.actor.trainer_config.deepspeed_config",
+            "needs a deepspeed_config with zero_optimization.stage",
+        ),
+        (
+            {"model_configs__critic__trainer_config__deepspeed_config": {"zero_optimization": {"stage": 3}}},
+            "model_configs.critic.trainer_config.deepspeed_config",
+            "set, but parallel.data.mode is 'ddp'",
+        ),
+        (
+            {"model_configs__reference__trainer_config__parallel__data": {"size": 1, "mode": "deepspeed"}},
+            "model_configs.reference.trainer_config.parallel.data.mode",
+            "DeepSpeed inference is not supported yet",
+        ),
+        (
+            {"model_configs__reward__trainer_config__train_kwargs": {"lr": 1.0}},
+            "model_configs.reward.trainer_config.train_kwargs",
+            "not trained",
+        ),
         ({"model_configs__critic__model_type": "reward"}, "model_configs.critic.model_type", "expected 'critic'"),
         ({"rollout_config__clip_reward_min": 2.0}, "rollout_config.clip_reward_min", "expected less than clip_reward_max"),
         ({"repeater_config__gae_lambda": -0.1}, "repeater_config.gae_lambda", "expected a value >= 0"),
-        ({"model_configs__actor__trainer_config__train_kwargs__lr": 0}, "model_configs.actor.trainer_config.train_kwargs.lr", "expected a value > 0"),
+        (
+            {"model_configs__actor__trainer_config__train_kwargs__lr": 0},
+            "model_configs.actor.trainer_config.train_kwargs.lr",
+            "expected a value > 0",
+        ),
         ({"dataset_config__ppo_datas": ["a::0"]}, "dataset_config.ppo_datas.0", "expected a weight > 0"),
         ({"dataset_config__ppo_datas": ["a::heavy"]}, "dataset_config.ppo_datas.0", "expected a number after '::'"),
         ({"dataset_config__ppo_datas": []}, "dataset_config.ppo_datas", "expected at least 1"),
-        ({"train_config__ppo_minibatch": 48}, "train_config.ppo_minibatch", "expected a divisor of dataset_config.num_samples_each_epoch (64)"),
+        (
+            {"train_config__ppo_minibatch": 48},
+            "train_config.ppo_minibatch",
+            "expected a divisor of dataset_config.num_samples_each_epoch (64)",
+        ),
         ({"train_config__actor_micro_bs": 3}, "train_config.ppo_minibatch", "expected a multiple of actor data size 1 x micro batch 3 = 3"),
         ({"slurm__partition": "gpu;touch /tmp/x"}, "slurm.partition", "which is not allowed here"),
         ({"slurm__extra_sbatch": ["--exclusive", "--comment=$(id)"]}, "slurm.extra_sbatch.1", "which is not allowed here"),
         ({"slurm__setup": ["module load cuda\nrm -rf /"]}, "slurm.setup.0", "which is not allowed here"),
         ({"run__name": "a b"}, "run.name", "which is not allowed here"),
         ({"model_configs__reward__model_path": None}, "model_configs.reward.model_path", "set reward_function instead"),
-        ({"model_configs__reward__reward_function": "rlhf.rewards:vowel_ratio"}, "model_configs.reward.reward_function", "set together with model_path"),
+        (
+            {"model_configs__reward__reward_function": "rlhf.rewards:vowel_ratio"},
+            "model_configs.reward.reward_function",
+            "set together with model_path",
+        ),
         ({"tokenizer_config__padding_side": "right"}, "tokenizer_config.padding_side", "expected one of 'left'"),
+        ({"model_configs__critic__torch_dtype": "float16"}, "model_configs.critic.torch_dtype", "needs loss scaling"),
+        ({"model_configs__actor__head_name": "v_head"}, "model_configs.actor.head_name", "causal LM without a value head"),
+        ({"model_configs__critic__head_name": "v head"}, "model_configs.critic.head_name", "which is not allowed here"),
     ],
 )
 def test_semantic_and_schema_checks(tmp_path, change, key, message):
@@ -176,7 +227,12 @@ def test_semantic_and_schema_checks(tmp_path, change, key, message):
 
 
 def test_deepspeed_batch_keys_must_agree_with_train_config(tmp_path):
-    ds = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 8, "bf16": {"enable": True}}
+    ds = {
+        "zero_optimization": {"stage": 3},
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 8,
+        "bf16": {"enable": True},
+    }
     data = edit(model_configs__actor__trainer_config__parallel__data={"size": 8, "mode": "deepspeed"},
                 model_configs__actor__trainer_config__deepspeed_config=ds)
     lines = errors(tmp_path, data)
@@ -193,12 +249,24 @@ def test_generator_tensor_size_must_fit_a_node(tmp_path):
 def vllm_actor(tmp_path, heads, kv_heads, head_dim, tensor, device="auto"):
     folder = tmp_path / "actor"
     folder.mkdir(exist_ok=True)
-    (folder / "config.json").write_text(json.dumps({"num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim, "hidden_size": heads * head_dim}))
+    (folder / "config.json").write_text(
+        json.dumps({"num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim, "hidden_size": heads * head_dim})
+    )
     gen = {"shared_with_trainer": False, "generator_type": "vllm", "parallel": {"tensor": {"size": tensor}}}
     return edit(model_configs__actor__model_path="./actor", model_configs__actor__generator_config=gen, run={"device": device})
 
 
-@pytest.mark.parametrize("heads, kv_heads, tensor, fits", [(32, 32, 4, True), (32, 8, 8, True), (32, 2, 4, True), (32, 32, 3, False), (12, 12, 8, False), (32, 4, 6, False)])
+@pytest.mark.parametrize(
+    "heads, kv_heads, tensor, fits",
+    [
+        (32, 32, 4, True),
+        (32, 8, 8, True),
+        (32, 2, 4, True),
+        (32, 32, 3, False),
+        (12, 12, 8, False),
+        (32, 4, 6, False),
+    ],
+)
 def test_vllm_tensor_size_must_shard_the_heads(tmp_path, heads, kv_heads, tensor, fits):
     data = vllm_actor(tmp_path, heads, kv_heads, 128, tensor)
     if fits:

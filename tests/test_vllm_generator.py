@@ -21,7 +21,13 @@ ROLLOUT = ["response_ids", "response_mask", "finished"]
 def probe(request, tiny_models, tmp_path_factory):
     """Untied and tied output heads: vLLM's CPU build repacks a tied head separately."""
     out = tmp_path_factory.mktemp("vllm") / "probe.pt"
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "vllm_probe.py"), str(out), request.param], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "vllm_probe.py"), str(out), request.param],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return torch.load(out, weights_only=False)
 
@@ -83,9 +89,14 @@ def test_cpu_kv_cache_is_sized_to_each_engine_rank_share_of_the_batch(tiny_model
     tokens = 48 + 24  # max_seq_len + max_new_tokens of the tiny spec
 
     def sized(*sets):
-        return cpu_kv_cache_bytes(load_spec(ROOT / "specs" / "tiny_cpu_vllm.yaml", ["dataset_config.num_samples_each_epoch=4096", *sets]).spec)
+        return cpu_kv_cache_bytes(
+            load_spec(ROOT / "specs" / "tiny_cpu_vllm.yaml", ["dataset_config.num_samples_each_epoch=4096", *sets]).spec
+        )
 
     assert sized("model_configs.actor.generator_config.parallel.tensor.size=1") == int(per_token * tokens * 4096 * 1.25)
     assert sized() == int(per_token * tokens * 4096 * 1.25 / 2)  # tensor size 2: each rank holds half the heads
-    assert sized("model_configs.actor.generator_config.parallel={data: {size: 2}, tensor: {size: 1}}") == int(per_token * tokens * 2048 * 1.25)
+    assert (
+        sized("model_configs.actor.generator_config.parallel={data: {size: 2}, tensor: {size: 1}}")
+        == int(per_token * tokens * 2048 * 1.25)
+    )
     assert cpu_kv_cache_bytes(load_spec(ROOT / "specs" / "tiny_cpu_vllm.yaml").spec) == MIN_CPU_KV_CACHE_BYTES  # 32 prompts

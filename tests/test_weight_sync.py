@@ -32,13 +32,15 @@ def test_transfer_plan():
             assert len(t) == 1
 
 
-def _run(rank: int, port: int, out: str) -> None:
+def _run(rank: int, port: int, out: str, master_weights: bool = False) -> None:
     store = dist.TCPStore("127.0.0.1", port, 2, is_master=rank == 0, timeout=datetime.timedelta(seconds=30))
     group = PeerGroup(store, "sync", [0, 1], rank, torch.device("cpu"))
     m = model(seed=rank)  # different weights on the two sides
+    if master_weights:  # the sender trains fp32 masters of a bf16 model; the receiver holds bf16
+        m = m.float() if rank == 0 else m.to(torch.bfloat16)
     named = list(m.named_parameters())
     if rank == 0:
-        sent = send_weights(named, 0, group, torch.device("cpu"))
+        sent = send_weights(named, 0, group, torch.device("cpu"), torch.bfloat16 if master_weights else None)
         torch.save({"state": m.state_dict(), "bytes": sent}, out + ".sender")
     else:
         received = receive_weights(named, 0, group, torch.device("cpu"))
@@ -46,10 +48,24 @@ def _run(rank: int, port: int, out: str) -> None:
     group.barrier()
 
 
-def test_generator_receives_exactly_the_actor_weights(tmp_path):
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def test_fp32_master_weights_arrive_as_bf16(tmp_path):
+    out = str(tmp_path / "w")
+    mp.spawn(_run, args=(_free_port(), out, True), nprocs=2, join=True)
+    sender, receiver = torch.load(out + ".sender"), torch.load(out + ".receiver")
+    assert sender["bytes"] == receiver["bytes"] == sum(v.numel() * 2 for v in receiver["state"].values())
+    for key, value in sender["state"].items():
+        assert receiver["state"][key].dtype == torch.bfloat16
+        assert torch.equal(value.to(torch.bfloat16), receiver["state"][key]), key
+
+
+def test_generator_receives_exactly_the_actor_weights(tmp_path):
+    port = _free_port()
     out = str(tmp_path / "w")
     mp.spawn(_run, args=(port, out), nprocs=2, join=True)
     sender, receiver = torch.load(out + ".sender"), torch.load(out + ".receiver")

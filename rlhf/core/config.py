@@ -15,6 +15,7 @@ from dataclasses import MISSING, dataclass, field
 from typing import Any, Literal
 
 ROLES = ("actor", "reference", "critic", "reward")
+TRAINED = ("actor", "critic")  # the roles with an optimizer
 Dtype = Literal["float32", "bfloat16", "float16", "auto"]
 
 
@@ -164,6 +165,8 @@ class TrainKwargs:
 
 @dataclass(kw_only=True)
 class DataParallel:
+    """Data parallelism: replicas of the model, each on its share of every batch."""
+
     size: int = option(1, "Data-parallel ranks (one GPU each).", minimum=1)
     mode: Literal["ddp", "deepspeed"] = option(
         "ddp", "ddp: torch DistributedDataParallel; deepspeed: DeepSpeed with this model's deepspeed_config."
@@ -172,12 +175,16 @@ class DataParallel:
 
 @dataclass(kw_only=True)
 class TensorParallel:
+    """Tensor parallelism: each layer's weights split over the ranks of one replica."""
+
     size: int = option(1, "Tensor-parallel ranks per replica. Only the vLLM generator supports more than 1 yet.", minimum=1)
     mode: Literal["1d"] = option("1d", "Tensor-parallel layout.")
 
 
 @dataclass(kw_only=True)
 class PipelineParallel:
+    """Pipeline parallelism: consecutive layers on consecutive ranks."""
+
     size: int = option(1, "Pipeline stages. Only 1 is supported yet.", minimum=1)
     interleaved_overlap: bool = option(False, "Interleaved pipeline schedule. Only false is supported yet.")
 
@@ -194,6 +201,8 @@ class Parallel:
 
 @dataclass(kw_only=True)
 class TrainerConfig:
+    """How a model is run: implementation, optimizer settings, GPU layout, DeepSpeed config."""
+
     trainer_type: Literal["huggingface"] = option("huggingface", "Model implementation: Hugging Face transformers.")
     train_kwargs: TrainKwargs | None = option(
         None, "Optimizer settings; only for trained models (actor, critic). Default: all defaults."
@@ -226,6 +235,8 @@ class GeneratorConfig:
 
 @dataclass(kw_only=True)
 class ModelConfig:
+    """One model of the job: its weights, dtype, size and how it is run."""
+
     model_path: str = option(
         doc="Hugging Face model id, or a local folder (a path starting with /, ./, ../ or ~; "
         "relative paths are relative to the spec file)."
@@ -240,16 +251,27 @@ class ModelConfig:
         "folder's config.json, else read from the name (e.g. '7b', '1_8b').",
         exclusiveMinimum=0,
     )
+    head_name: str | None = option(
+        None,
+        "Critic and reward: the name of the value head in the checkpoint (XTuner's v_head, OpenRLHF's value_head). "
+        "Default: score, v_head, value_head or v_head.summary, whichever the checkpoint has. A reward model without "
+        "one is refused; a critic without one starts from a new head.",
+        pattern=r"^[A-Za-z_][\w.]*$",
+    )
     trainer_config: TrainerConfig = section(TrainerConfig, "How this model is run.")
 
 
 @dataclass(kw_only=True)
 class ActorConfig(ModelConfig):
+    """The policy being trained, and where its responses are generated."""
+
     generator_config: GeneratorConfig = section(GeneratorConfig, "Where responses are generated.")
 
 
 @dataclass(kw_only=True)
 class RewardConfig(ModelConfig):
+    """The reward: a reward model, or a Python function of the prompt and response texts."""
+
     model_path: str | None = option(
         None, "Reward model: Hugging Face id or local folder. Give this or reward_function."
     )
@@ -263,18 +285,23 @@ class RewardConfig(ModelConfig):
 
 @dataclass(kw_only=True)
 class ModelConfigs:
+    """The four models of PPO: actor, reference, critic and reward."""
+
     actor: ActorConfig = option(doc="The policy being trained (causal LM).")
     reference: ModelConfig = option(doc="Frozen policy for the KL penalty (causal LM).")
     critic: ModelConfig = option(doc="Value model being trained (sequence classification, one output).")
     reward: RewardConfig = option(doc="Reward model (sequence classification, one output) or function.")
 
     def roles(self) -> dict[str, ModelConfig]:
+        """The four model configs by role, in ROLES order."""
         return {role: getattr(self, role) for role in ROLES}
 
 
 # --------------------------------------------------------------------------- data
 @dataclass(kw_only=True)
 class DatasetConfig:
+    """Prompt datasets and how each rollout batch is drawn from them."""
+
     num_samples_each_epoch: int = option(64, "Prompts per PPO step (the rollout batch).", minimum=1)
     max_seq_len: int = option(
         1024, "Most prompt tokens; longer prompts keep their last max_seq_len tokens.", minimum=1
@@ -290,6 +317,8 @@ class DatasetConfig:
 
 @dataclass(kw_only=True)
 class TokenizerConfig:
+    """Tokenizer overrides: which tokenizer, its special tokens and chat template."""
+
     tokenizer_path: str | None = option(None, "Tokenizer to load. Default: the actor's model_path.")
     pad_token_id: int | None = option(None, "Override the tokenizer's padding token.", minimum=0)
     eos_token_id: int | None = option(None, "Override the tokenizer's end-of-sequence token.", minimum=0)
@@ -315,7 +344,7 @@ class SlurmConfig:
     gpu_memory_gb: float = option(80, "Memory of one GPU in GiB, for the plan's memory check.", exclusiveMinimum=0)
     cpus_per_gpu: int = option(8, "CPU cores per rank (one rank per GPU).", minimum=1)
     mem: str | None = option(
-        None, "Memory per node, as sbatch --mem (e.g. 500G; 0 = all of it).", pattern=r"^\d+[KMGT]?$"
+        None, "Memory per node, as sbatch --mem (e.g. 500G). Default: 0, all of each node's memory.", pattern=r"^\d+[KMGT]?$"
     )
     constraint: str | None = option(
         None, "Node features, as sbatch --constraint (e.g. a100&ib).", pattern=r"^[A-Za-z0-9_.&|,:*\[\]()-]+$"
@@ -339,6 +368,8 @@ class SlurmConfig:
 
 @dataclass(kw_only=True)
 class RunConfig:
+    """Name, output folder, seed and device of the run."""
+
     name: str = option(
         "rlhf", "Run name: Slurm job name and the run folder under output_dir.",
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
@@ -400,4 +431,5 @@ class JobSpec:
 
 
 def field_doc(f: dataclasses.Field) -> str:
+    """A field's documentation, as given to ``option``; '' when it has none."""
     return f.metadata.get("doc", "")

@@ -12,6 +12,8 @@ LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 @dataclass(frozen=True)
 class PromptSource:
+    """One ``ppo_datas`` entry: a Hugging Face dataset or local path, and its weight (> 0, not normalised)."""
+
     source: str
     weight: float
 

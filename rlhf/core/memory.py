@@ -5,6 +5,8 @@ An estimate to catch layouts that cannot fit before waiting in a queue, not a pr
   gradients   params x bytes, split over data ranks by ZeRO-2 and up;
   optimizer   AdamW moments (2 x param bytes), or with DeepSpeed bf16/fp16 12 bytes per
               parameter (fp32 master copy and moments), split over data ranks by ZeRO-1 and up;
+              a bf16 model trained without DeepSpeed keeps fp32 weights, gradients and moments
+              (4 + 4 + 8 bytes per parameter) and computes in bf16;
   activations 34 x seq x micro batch x hidden x layers x 2 bytes (Korthikanti et al. 2022,
               no recomputation), plus fp32 logits of the micro batch;
   kv cache    2 x layers x kv_dim x bytes per token, for the sequences generated at once.
@@ -23,6 +25,8 @@ _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}
 
 @dataclass(frozen=True)
 class MemoryEstimate:
+    """Estimated peak memory of one rank of a role, in GiB, by kind."""
+
     weights_gib: float
     gradients_gib: float
     optimizer_gib: float
@@ -31,9 +35,11 @@ class MemoryEstimate:
 
     @property
     def total_gib(self) -> float:
+        """All kinds together, in GiB."""
         return self.weights_gib + self.gradients_gib + self.optimizer_gib + self.activations_gib + self.kv_cache_gib
 
     def to_json(self) -> dict[str, float]:
+        """Each kind and the total in GiB, rounded to 0.01."""
         return {k: round(v, 2) for k, v in {**asdict(self), "total_gib": self.total_gib}.items()}
 
 
@@ -72,6 +78,8 @@ def training(model: ModelConfig, shape: ModelShape, spec: JobSpec, micro: int, l
     b = _DTYPE_BYTES[model.torch_dtype]
     if stage is not None and _mixed_precision(model):
         weights, grads, optim = 2 * shape.params, 2 * shape.params, 12 * shape.params
+    elif stage is None and b == 2:  # torch keeps bf16 models' master weights in fp32 (rlhf/engine.py)
+        weights, grads, optim = 4 * shape.params, 4 * shape.params, 8 * shape.params
     else:
         weights, grads, optim = b * shape.params, b * shape.params, 2 * b * shape.params
     if stage is not None:

@@ -16,6 +16,8 @@ _SIZE_IN_NAME = re.compile(r"(?<![A-Za-z0-9.])(\d+(?:[._]\d+)?)([bBmM])(?![A-Za-
 
 @dataclass(frozen=True)
 class ModelShape:
+    """The sizes of a decoder that the memory estimate needs."""
+
     params: float  # count, not billions
     layers: int
     hidden: int

@@ -21,6 +21,9 @@ COMPONENTS = (("trainer", ("actor", "critic")), ("inference", ("reference", "rew
 
 @dataclass
 class RolePlan:
+    """One role's layout: data x tensor x pipeline sizes, its GPUs (0 on another role's ranks), its
+    component, first global rank and nodes, and its memory estimate."""
+
     name: str
     data: int
     tensor: int
@@ -35,9 +38,11 @@ class RolePlan:
 
     @property
     def ranks(self) -> range:
+        """The role's global ranks; empty for a role without GPUs of its own."""
         return range(self.first_rank, self.first_rank + self.gpus) if self.first_rank is not None else range(0)
 
     def to_json(self) -> dict[str, Any]:
+        """The role as plain data; ``ranks`` is [first, last], or [] without GPUs."""
         return {
             "name": self.name,
             "gpus": self.gpus,
@@ -55,6 +60,9 @@ class RolePlan:
 
 @dataclass
 class ComponentPlan:
+    """One Slurm hetjob component: roles packed onto whole nodes with the same GPU count each,
+    from global rank ``first_rank`` and node ``first_node`` on."""
+
     index: int
     name: str
     roles: list[str]
@@ -65,6 +73,7 @@ class ComponentPlan:
     first_node: int
 
     def to_json(self) -> dict[str, Any]:
+        """The component as plain data."""
         return {
             "index": self.index,
             "name": self.name,
@@ -78,23 +87,29 @@ class ComponentPlan:
 
 @dataclass
 class Plan:
+    """Every role's layout, the Slurm components they form, and the problems found laying them out."""
+
     roles: list[RolePlan]
     components: list[ComponentPlan]
     problems: list[Problem]
 
     @property
     def total_gpus(self) -> int:
+        """GPUs over all components."""
         return sum(c.gpus for c in self.components)
 
     @property
     def total_nodes(self) -> int:
+        """Nodes over all components (components share no node)."""
         return sum(c.nodes for c in self.components)
 
     @property
     def world_size(self) -> int:
+        """Processes in the job: one per GPU."""
         return self.total_gpus
 
     def role(self, name: str) -> RolePlan:
+        """The plan of role ``name``: actor, reference, critic, reward or generator."""
         return next(r for r in self.roles if r.name == name)
 
     def role_of_rank(self, rank: int) -> tuple[str, int]:
@@ -105,6 +120,7 @@ class Plan:
         raise ValueError(f"rank {rank} is outside the plan's world of {self.world_size}")
 
     def to_json(self) -> dict[str, Any]:
+        """The plan as plain data, with its warnings as 'key: message' strings."""
         return {
             "total_gpus": self.total_gpus,
             "total_nodes": self.total_nodes,
@@ -129,7 +145,9 @@ def _role_layouts(spec: JobSpec) -> list[RolePlan]:
         roles.append(RolePlan("generator", actor.data, actor.tensor, actor.pipeline, 0, None, shared_with="actor"))
     else:
         p = gen.parallel
-        roles.append(RolePlan("generator", p.data.size, p.tensor.size, p.pipeline.size, p.data.size * p.tensor.size * p.pipeline.size, None))
+        roles.append(
+            RolePlan("generator", p.data.size, p.tensor.size, p.pipeline.size, p.data.size * p.tensor.size * p.pipeline.size, None)
+        )
     return roles
 
 
@@ -143,6 +161,11 @@ def _pack(gpus: int, gpus_per_node: int, multiple_of: int) -> tuple[int, int] | 
 
 
 def build_plan(spec: JobSpec) -> Plan:
+    """Lay the spec's roles out on GPUs, nodes and global ranks, and estimate each one's memory.
+
+    A group that does not pack onto equal whole nodes, and an estimate above the GPU's memory,
+    become problems of the plan, not exceptions.
+    """
     roles = {r.name: r for r in _role_layouts(spec)}
     problems: list[Problem] = []
     components: list[ComponentPlan] = []
@@ -156,7 +179,12 @@ def build_plan(spec: JobSpec) -> Plan:
         tp = roles["generator"].tensor if comp_name == "generator" else 1
         packed = _pack(gpus, gpn, tp)
         if packed is None:
-            problems.append(error("slurm.gpus_per_node", f"found {gpn}: the {comp_name} group ({', '.join(r.name for r in own)}) needs {gpus} GPUs, which do not split into equal whole nodes{' of whole tensor-parallel groups' if tp > 1 else ''}; use a data size that makes {gpus} a multiple of {gpn} or at most {gpn}"))
+            problems.append(error(
+                "slurm.gpus_per_node",
+                f"found {gpn}: the {comp_name} group ({', '.join(r.name for r in own)}) needs {gpus} GPUs, "
+                f"which do not split into equal whole nodes{' of whole tensor-parallel groups' if tp > 1 else ''}; "
+                f"use a data size that makes {gpus} a multiple of {gpn} or at most {gpn}",
+            ))
             packed = (math.ceil(gpus / gpn), min(gpus, gpn))
         nodes, per_node = packed
         index = len(components)
@@ -193,7 +221,12 @@ def _estimate_memory(spec: JobSpec, roles: dict[str, RolePlan], problems: list[P
             role.memory = memory.inference(model, shape, spec, spec.inference_micro_batch("reward"), logits=False)
         elif not role.shared_with:
             role.memory = memory.generator(model, shape, spec)
-        budget = limit * (model.generator_config.gpu_memory_utilization if name == "generator" and model.generator_config.generator_type == "vllm" else 1)
+        vllm = name == "generator" and model.generator_config.generator_type == "vllm"
+        budget = limit * (model.generator_config.gpu_memory_utilization if vllm else 1)
         if role.memory and role.memory.total_gib > budget:
             key = f"model_configs.{'actor' if name == 'generator' else name}"
-            problems.append(warning(key, f"{name}: estimated peak {role.memory.total_gib:.1f} GiB per GPU exceeds the {budget:.0f} GiB available (slurm.gpu_memory_gb); consider ZeRO-3, more data-parallel ranks or smaller micro batches"))
+            problems.append(warning(
+                key,
+                f"{name}: estimated peak {role.memory.total_gib:.1f} GiB per GPU exceeds the {budget:.0f} GiB available "
+                "(slurm.gpu_memory_gb); consider ZeRO-3, more data-parallel ranks or smaller micro batches",
+            ))

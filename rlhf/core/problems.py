@@ -11,12 +11,15 @@ from typing import Any, Literal
 
 @dataclass(frozen=True)
 class Problem:
+    """One finding in a spec: key path, message, severity and 1-based YAML line when known."""
+
     path: str  # dotted key path; "" for the whole document
     message: str
     severity: Literal["error", "warning"] = "error"
     line: int | None = None
 
     def format(self, source: str) -> str:
+        """The one-line form 'source:line: key: message', with 'warning:' before the key of a warning."""
         where = f"{source}:{self.line}" if self.line else source
         key = f" {self.path}:" if self.path else ""
         label = "" if self.severity == "error" else " warning:"
@@ -33,14 +36,23 @@ class SpecError(Exception):
 
     @property
     def errors(self) -> list[Problem]:
+        """The problems of severity error; the others are warnings."""
         return [p for p in self.problems if p.severity == "error"]
 
 
+class InputError(Exception):
+    """An input of the run (a data file, a model folder, a checkpoint) that cannot be used. Its
+    message says where and what was found: a rank reports it in that one line, without a
+    traceback, since the traceback would only show where the input was read."""
+
+
 def error(path: str, message: str) -> Problem:
+    """A problem that makes the spec unusable."""
     return Problem(path, message, "error")
 
 
 def warning(path: str, message: str) -> Problem:
+    """A problem worth reporting that still lets the spec run."""
     return Problem(path, message, "warning")
 
 
@@ -62,5 +74,6 @@ def show(value: Any, limit: int = 60) -> str:
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """A hint naming the closest of ``choices`` to ``word``, `` (did you mean 'x'?)``; '' when none is close."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""

@@ -19,6 +19,7 @@ _JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string"}
 
 @functools.cache
 def hints(cls: type) -> dict[str, Any]:
+    """The resolved type hints of a dataclass's fields (the config module's annotations are strings)."""
     return typing.get_type_hints(cls)
 
 
@@ -72,6 +73,7 @@ def _field_schema(f: dataclasses.Field, tp: Any, defs: dict[str, Any]) -> dict[s
 
 
 def field_default(f: dataclasses.Field) -> Any:
+    """A field's default, a fresh one from its factory, or ``dataclasses.MISSING`` when the key is required."""
     if f.default is not dataclasses.MISSING:
         return f.default
     if f.default_factory is not dataclasses.MISSING:
@@ -162,6 +164,8 @@ def _convert(tp: Any, value: Any) -> Any:
 # --------------------------------------------------------------------------- reference
 @dataclasses.dataclass
 class KeyDoc:
+    """One key of the spec reference: dotted path, type name, default and meaning."""
+
     path: str
     type: str
     default: Any

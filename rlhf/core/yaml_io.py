@@ -30,6 +30,8 @@ SpecLoader.add_implicit_resolver(
 
 
 class YamlProblem(Exception):
+    """YAML that cannot be read, with the 1-based line when known."""
+
     def __init__(self, message: str, line: int | None = None):
         super().__init__(message)
         self.line = line
@@ -104,4 +106,5 @@ _Dumper.add_representer(dict, _dict_representer)
 
 
 def dump(data: Any) -> str:
+    """``data`` as block YAML in insertion order; short leaf mappings on one line, multi-line strings as literal blocks."""
     return yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100, allow_unicode=True)

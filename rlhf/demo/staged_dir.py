@@ -16,6 +16,7 @@ STAMP_NAME = ".complete"
 
 
 def stamp_matches(directory: Path, expected: str) -> bool:
+    """Whether ``directory`` holds a finished build stamped ``expected``."""
     stamp = directory / STAMP_NAME
     return stamp.is_file() and stamp.read_text().strip() == expected
 

@@ -101,6 +101,7 @@ def recipe() -> dict:
 
 
 def recipe_hash() -> str:
+    """SHA-256 of the recipe, as hex: the build's stamp."""
     return hashlib.sha256(json.dumps(recipe(), sort_keys=True).encode()).hexdigest()
 
 
@@ -108,6 +109,7 @@ def recipe_hash() -> str:
 
 
 def load_prompt_messages(path: Path = PROMPTS_FILE) -> list[list[dict]]:
+    """The chat messages of each prompt in a JSON-lines file of ``{"messages": [...]}`` records."""
     with path.open(encoding="utf-8") as f:
         return [json.loads(line)["messages"] for line in f if line.strip()]
 
@@ -126,6 +128,7 @@ _WORD_POOLS = (
 
 
 def generated_text(rng: random.Random, lines: int) -> list[str]:
+    """``lines`` random sentences from the word pools (common, vowel-rich, vowel-poor words)."""
     pools = [pool.split() for pool in _WORD_POOLS]
     text = []
     for _ in range(lines):
@@ -139,6 +142,8 @@ def generated_text(rng: random.Random, lines: int) -> list[str]:
 
 
 def train_tokenizer(prompt_messages: list[list[dict]]) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (special tokens first, chat template, left padding) trained on the
+    prompts' texts and generated sentences."""
     rng = random.Random(TOKENIZER_SETTINGS["seed"])
     corpus = [m["content"] for messages in prompt_messages for m in messages]
     corpus += generated_text(rng, TOKENIZER_SETTINGS["generated_lines"])
@@ -171,6 +176,7 @@ def train_tokenizer(prompt_messages: list[list[dict]]) -> PreTrainedTokenizerFas
 
 
 def llama_config(tokenizer: PreTrainedTokenizerFast, **extra) -> LlamaConfig:
+    """The tiny Llama config for ``tokenizer``'s vocabulary and special tokens; ``extra`` adds keys such as num_labels."""
     return LlamaConfig(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
@@ -182,11 +188,13 @@ def llama_config(tokenizer: PreTrainedTokenizerFast, **extra) -> LlamaConfig:
 
 
 def init_model(model_class: type[PreTrainedModel], config: LlamaConfig, seed: int) -> PreTrainedModel:
+    """A freshly initialised float32 ``model_class`` from ``seed``, in eval mode."""
     torch.manual_seed(seed)
     return model_class(config).to(torch.float32).eval()
 
 
 def save_with_tokenizer(model: PreTrainedModel, tokenizer, directory: Path) -> None:
+    """Save the model (safetensors) and the tokenizer into ``directory``."""
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
 
@@ -196,6 +204,8 @@ def save_with_tokenizer(model: PreTrainedModel, tokenizer, directory: Path) -> N
 
 @dataclass
 class RewardExample:
+    """One reward-model training example: prompt and response token ids, the decoded response and its score."""
+
     input_ids: list[int]  # rendered prompt + response tokens (+ eos sometimes)
     response: str
     score: float
@@ -233,6 +243,7 @@ def _sample_response_ids(rng: random.Random, pools: dict[str, list[int]], max_to
 
 
 def render_prompts(tokenizer, prompt_messages: list[list[dict]]) -> list[list[int]]:
+    """Token ids of each prompt rendered with the chat template, up to the assistant tag that starts a response."""
     texts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in prompt_messages]
     return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
 
@@ -259,6 +270,7 @@ def sample_reward_examples(
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sequences`` as left-padded input_ids and attention_mask, both [B, T] with T the longest length."""
     width = max(len(s) for s in sequences)
     input_ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in sequences])
     attention_mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences])
@@ -277,6 +289,7 @@ def predict_rewards(model, sequences: list[list[int]], pad_id: int, batch_size: 
 
 
 def pearson(xs: list[float], ys: list[float]) -> float:
+    """The Pearson correlation of two equally long lists."""
     x, y = torch.tensor(xs, dtype=torch.float64), torch.tensor(ys, dtype=torch.float64)
     x, y = x - x.mean(), y - y.mean()
     return float((x * y).sum() / (x.norm() * y.norm()))
@@ -379,6 +392,7 @@ def build(out_dir: Path = DEFAULT_OUT_DIR, force: bool = False) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line: ``--out DIR`` and ``--force``; returns the exit status."""
     return command_line(build, DEFAULT_OUT_DIR, __doc__.splitlines()[0], argv)
 
 

@@ -21,16 +21,33 @@ from rlhf.timing import Timer
 LossFn = Callable[[Batch, int, int], tuple[Tensor, dict[str, Tensor]]]
 
 
+def trainer_deepspeed_config(spec: JobSpec, role: str, cluster: Cluster) -> dict | None:
+    """The DeepSpeed config ``make_trainer`` uses for ``role`` on this rank, or None when it runs plain torch or DDP."""
+    cfg = spec.model_configs.roles()[role]
+    if cluster.group(role) is None or cfg.trainer_config.parallel.data.mode == "ddp":
+        return None
+    return deepspeed_config(spec, role, cfg, spec.train_micro_batch(role), spec.train_minibatch(role))
+
+
+def zero3_config(spec: JobSpec, role: str, cluster: Cluster) -> dict | None:
+    """The DeepSpeed config of a ZeRO-3 ``role``, to load its model partitioned under it
+    (``rlhf.models.partitioned_loading``); None for any other trainer."""
+    config = trainer_deepspeed_config(spec, role, cluster)
+    return config if config is not None and config.get("zero_optimization", {}).get("stage", 0) == 3 else None
+
+
 def make_trainer(spec: JobSpec, role: str, module: torch.nn.Module, cluster: Cluster, device: torch.device) -> Trainer:
-    """Plain torch in one process; DDP or DeepSpeed over the role's ranks otherwise."""
+    """Plain torch in one process; DDP or DeepSpeed over the role's ranks otherwise (a ZeRO-3
+    model may arrive partitioned already, loaded with ``zero3_config``)."""
     cfg = spec.model_configs.roles()[role]
     kwargs = cfg.trainer_config.train_kwargs
     group = cluster.group(role)
     if group is None:
         return TorchTrainer(module, kwargs)
-    if cfg.trainer_config.parallel.data.mode == "ddp":
+    config = trainer_deepspeed_config(spec, role, cluster)
+    if config is None:
         return TorchTrainer(module, kwargs, group=group, device=device)
-    return DeepSpeedTrainer(module, kwargs, deepspeed_config(spec, role, cfg, spec.train_micro_batch(role), spec.train_minibatch(role)))
+    return DeepSpeedTrainer(module, kwargs, config)
 
 
 def policy_logprobs(policy: torch.nn.Module, batch: Batch, temperature: float) -> Tensor:
@@ -42,6 +59,7 @@ def policy_logprobs(policy: torch.nn.Module, batch: Batch, temperature: float) -
 
 @torch.no_grad()
 def in_micro_batches(fn: Callable[[Batch], Tensor], batch: Batch, micro_bs: int) -> Tensor:
+    """``fn`` over consecutive ``micro_bs``-row slices of ``batch``, without grad, concatenated along rows."""
     size = next(iter(batch.values())).shape[0]
     return torch.cat([fn(select(batch, slice(s, s + micro_bs))) for s in range(0, size, micro_bs)])
 
@@ -111,6 +129,8 @@ def export_pretrained(trainer: Trainer, model: torch.nn.Module, directory: Path,
     state = trainer.full_state_dict()
     if is_writer:
         prefix = "model."
-        state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+        # fp32 master weights are exported in the dtype the model was given in (the spec's torch_dtype).
+        state = {k[len(prefix):] if k.startswith(prefix) else k: v.to(trainer.weight_dtype) if v.is_floating_point() else v
+                 for k, v in state.items()}
         model.save_pretrained(directory, state_dict=state)
         tokenizer.save_pretrained(directory)

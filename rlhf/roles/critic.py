@@ -11,16 +11,21 @@ from rlhf import ppo
 from rlhf.core.config import JobSpec
 from rlhf.models import ValueModule, load_value_model
 from rlhf.protocols import Cluster
-from rlhf.roles.common import export_pretrained, in_micro_batches, make_trainer, train_minibatches
+from rlhf.roles.common import export_pretrained, in_micro_batches, make_trainer, train_minibatches, zero3_config
 from rlhf.rollout import Batch, sequences
 from rlhf.timing import Timer
 
 
 class CriticRole:
+    """The critic: gives the value V_t of each response token and trains the value model towards the
+    GAE returns with the clipped value loss."""
+
     def __init__(self, spec: JobSpec, device: torch.device, pad_id: int, timer: Timer, cluster: Cluster):
         cfg = spec.model_configs.critic
         self.spec, self.timer, self.cluster = spec, timer, cluster
-        self.model = load_value_model(cfg.model_path, cfg.torch_dtype, device, pad_id)
+        # Under ZeRO-3 the model is partitioned while it loads: no rank ever holds all of it.
+        self.model = load_value_model(cfg.model_path, cfg.torch_dtype, device, pad_id, "critic", cfg.head_name,
+                                      zero3_config(spec, "critic", cluster))
         self.trainer = make_trainer(spec, "critic", ValueModule(self.model), cluster, device)
         self.loss_type = cfg.trainer_config.train_kwargs.loss_type
 
@@ -29,6 +34,7 @@ class CriticRole:
         return self.trainer.module(input_ids, attention_mask, batch["response_ids"].shape[1])
 
     def values(self, rollout: Batch) -> Tensor:
+        """Values [B, R] of the rollout's response tokens (the old values of the value clip), without grad, in micro batches."""
         return in_micro_batches(self._values, rollout, self.spec.inference_micro_batch("critic"))
 
     def _loss(self, micro: Batch, num_seqs: int, num_tokens: int):
@@ -38,12 +44,16 @@ class CriticRole:
         )
 
     def train(self, experience: Batch, seed: int) -> dict[str, float]:
+        """PPO epochs of value updates on this rank's share of ``experience`` (``seed`` orders the
+        minibatches); returns value_loss, critic_lr and critic_clipfrac, critic_grad_norm, averaged over
+        steps and ranks."""
         tc = self.spec.train_config
         stats = train_minibatches(
-            self.trainer, experience, self._loss, tc.value_minibatch, self.spec.train_micro_batch("critic"), tc.ppo_epochs, seed, self.timer,
-            shard=self.cluster.shard_of("critic"), group=self.cluster.group("critic"),
+            self.trainer, experience, self._loss, tc.value_minibatch, self.spec.train_micro_batch("critic"), tc.ppo_epochs,
+            seed, self.timer, shard=self.cluster.shard_of("critic"), group=self.cluster.group("critic"),
         )
         return {"value_loss": stats.pop("loss"), **{f"critic_{k}": v for k, v in stats.items()}, "critic_lr": self.trainer.lr}
 
     def save_pretrained(self, directory: Path, tokenizer, is_writer: bool) -> None:
+        """The value model as a Hugging Face folder (a collective under ZeRO-3)."""
         export_pretrained(self.trainer, self.model, directory, tokenizer, is_writer)

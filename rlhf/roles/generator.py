@@ -15,12 +15,17 @@ from rlhf.weight_sync import receive_weights
 
 
 class HFGeneratorRole:
+    """The generator as a separate Hugging Face copy of the policy: samples the responses, and takes
+    the actor's new weights after every update."""
+
     def __init__(self, spec: JobSpec, device: torch.device, sampling: SamplingSettings):
         cfg = spec.model_configs.actor
         self.spec, self.sampling, self.device = spec, sampling, device
         self.model = load_causal_lm(cfg.model_path, cfg.torch_dtype, device).requires_grad_(False)
 
     def generate(self, prompts: Batch, first_row: int, seed_of) -> Batch:
+        """One sampled response per prompt, ``rollout_config.actor_micro_bs`` prompts per generate call,
+        each call seeded from the global row of its first prompt."""
         return hf_generate(self.model, prompts["prompt_ids"], prompts["prompt_mask"], self.sampling,
                            self.spec.inference_micro_batch("generator"), first_row, seed_of)
 
@@ -32,4 +37,5 @@ class HFGeneratorRole:
             params[name].copy_(tensor)
 
     def receive(self, src: int, group) -> None:
+        """New weights broadcast by global rank ``src`` over ``group``, straight into the model's parameters."""
         receive_weights(list(self.model.named_parameters()), src, group, self.device)

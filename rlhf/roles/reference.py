@@ -12,11 +12,14 @@ from rlhf.rollout import Batch
 
 
 class ReferenceRole:
+    """The reference: scores the rollout's responses under the frozen initial policy, for the KL penalty."""
+
     def __init__(self, spec: JobSpec, device: torch.device, temperature: float):
         cfg = spec.model_configs.reference
         self.spec, self.temperature = spec, temperature
         self.policy = PolicyModule(load_causal_lm(cfg.model_path, cfg.torch_dtype, device).requires_grad_(False))
 
     def logprobs(self, rollout: Batch) -> Tensor:
+        """Log-probs [B, R] of the rollout's response tokens under the frozen policy at the sampling temperature."""
         fn = lambda b: policy_logprobs(self.policy, b, self.temperature)  # noqa: E731
         return in_micro_batches(fn, rollout, self.spec.inference_micro_batch("reference"))

@@ -8,20 +8,29 @@ import torch
 from torch import Tensor
 
 from rlhf.core.config import JobSpec
+from rlhf.core.problems import InputError
 from rlhf.models import load_value_model, sequence_scores
 from rlhf.roles.common import in_micro_batches
 from rlhf.rollout import Batch, sequences
 
 
+class RewardFunctionError(InputError, ValueError):
+    """A ``reward_function`` that cannot be imported."""
+
+
 def load_function(path: str):
+    """The reward function named 'module:function'; RewardFunctionError naming the spec key when it cannot be imported."""
     module_name, _, name = path.partition(":")
     try:
         return getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError) as exc:
-        raise ValueError(f"model_configs.reward.reward_function: cannot load {path!r}: {exc}") from None
+        raise RewardFunctionError(f"model_configs.reward.reward_function: cannot load {path!r}: {exc}") from None
 
 
 class RewardRole:
+    """The reward: scores each whole sequence with a reward model, or with a Python function of the
+    decoded prompts and responses."""
+
     def __init__(self, spec: JobSpec, device: torch.device, tokenizer):
         cfg = spec.model_configs.reward
         self.spec, self.tokenizer = spec, tokenizer
@@ -29,7 +38,8 @@ class RewardRole:
             self.function, self.model = load_function(cfg.reward_function), None
         else:
             self.function = None
-            self.model = load_value_model(cfg.model_path, cfg.torch_dtype, device, tokenizer.pad_token_id).requires_grad_(False)
+            model = load_value_model(cfg.model_path, cfg.torch_dtype, device, tokenizer.pad_token_id, "reward", cfg.head_name)
+            self.model = model.requires_grad_(False)
 
     def scores(self, rollout: Batch) -> Tensor:
         """Raw scores [B] (clipping and scaling belong to the PPO step)."""
@@ -39,7 +49,9 @@ class RewardRole:
         return in_micro_batches(fn, rollout, self.spec.inference_micro_batch("reward"))
 
     def _function_scores(self, rollout: Batch) -> Tensor:
-        decode = lambda ids, mask: [self.tokenizer.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(ids, mask, strict=False)]  # noqa: E731
+        def decode(ids: Tensor, mask: Tensor) -> list[str]:
+            return [self.tokenizer.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(ids, mask, strict=False)]
+
         prompts = decode(rollout["prompt_ids"], rollout["prompt_mask"])
         responses = decode(rollout["response_ids"], rollout["response_mask"])
         scores = self.function(prompts, responses)

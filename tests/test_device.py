@@ -1,0 +1,43 @@
+"""Which GPU a rank takes, whether its task sees every GPU of the node or only its own."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhf.loop import pick_device
+
+
+@pytest.fixture
+def gpus(monkeypatch):
+    """Pretend this machine's tasks see ``n`` GPUs (no CUDA call is made)."""
+
+    def see(n: int) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+
+    return see
+
+
+def test_a_task_that_sees_the_whole_node_takes_its_local_rank(gpus):
+    gpus(8)
+    assert pick_device("auto", {"LOCAL_RANK": "5"}) == torch.device("cuda", 5)
+    assert pick_device("cuda", {"SLURM_LOCALID": "3"}) == torch.device("cuda", 3)
+
+
+def test_a_task_bound_to_its_own_gpu_takes_device_zero(gpus):
+    gpus(1)  # --gpus-per-task=1 / --gpu-bind: CUDA_VISIBLE_DEVICES holds just this task's GPU
+    assert pick_device("auto", {"LOCAL_RANK": "5"}) == torch.device("cuda", 0)
+
+
+def test_more_ranks_than_gpus_is_refused_with_the_reason(gpus):
+    gpus(2)
+    with pytest.raises(RuntimeError, match="local rank 3 but this task sees 2 GPU"):
+        pick_device("auto", {"LOCAL_RANK": "3", "CUDA_VISIBLE_DEVICES": "0,1"})
+
+
+def test_cpu_when_asked_or_when_there_is_no_gpu(gpus):
+    gpus(0)
+    assert pick_device("auto", {}) == torch.device("cpu")
+    gpus(4)
+    assert pick_device("cpu", {"LOCAL_RANK": "2"}) == torch.device("cpu")
