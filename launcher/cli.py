@@ -135,6 +135,10 @@ def main_spec(argv: Sequence[str]) -> int:
             print(plan_table(loaded.plan, loaded.spec.slurm.gpu_memory_gb))
             print(script, end="")
         return 0
+    in_use = None if args.check else run_dir_in_use(Path(files.run_dir))
+    if in_use:  # first: a folder another run trains in is the one thing worth saying
+        print(f"rlhf-launch: {in_use}", file=sys.stderr)
+        return EXIT_BAD_SPEC
     if not args.no_check:
         status = run_preflight(loaded, Path(files.run_dir), args.resume, args.local, args.check)
         if status is not None or args.check:
@@ -341,12 +345,15 @@ def main_convert(argv: Sequence[str]) -> int:
     from launcher.convert import ConvertError, convert_file, to_yaml
     from launcher.spec import validate
 
+    notes: list[str] = []
     try:
-        data = convert_file(args.config)
+        data = convert_file(args.config, notes)
     except ConvertError as exc:
         print(f"rlhf-launch convert: {exc}", file=sys.stderr)
         return EXIT_BAD_SPEC
     print(to_yaml(data), end="")
+    for note in notes:
+        print(f"rlhf-launch convert: note: {note}", file=sys.stderr)
     try:
         loaded = validate(data, f"{args.config} (converted)", Path(args.config).resolve().parent)
     except SpecError as exc:

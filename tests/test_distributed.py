@@ -43,9 +43,9 @@ LAYOUTS = {
 }
 
 
-def launch(tmp_path, sets, name="run", resume=False):
+def launch(tmp_path, sets, name="run", resume=False, check=True):
     args = [
-        sys.executable, "-m", "launcher.cli", str(TINY), "--local", "--processes",
+        sys.executable, "-m", "launcher.cli", str(TINY), "--local", "--processes", *([] if check else ["--no-check"]),
         "--output-dir", str(tmp_path),
         "--set", f"run.name={name}",
     ]
@@ -162,7 +162,9 @@ def test_a_killed_rank_takes_every_rank_down_naming_it(tiny_models, tmp_path):
 
 def test_launcher_stops_every_rank_when_one_fails(tiny_models, tmp_path):
     (tmp_path / "not_a_model").mkdir()
-    proc = launch(tmp_path, ["train_config.max_train_step=2", f"model_configs.reward.model_path={tmp_path / 'not_a_model'}"])
+    # --no-check: the pre-flight would refuse this folder before any rank starts
+    proc = launch(tmp_path, ["train_config.max_train_step=2", f"model_configs.reward.model_path={tmp_path / 'not_a_model'}"],
+                  check=False)
     assert proc.returncode != 0
     assert "reward rank 0 (global rank 3) exited with status" in proc.stderr
     assert "stopping the other ranks" in proc.stderr
