@@ -169,11 +169,38 @@ def fp16_training_needs_deepspeed(spec: JobSpec) -> Iterator[Problem]:
     fp32 master weights in either mode)."""
     for role in TRAINED:
         model = spec.model_configs.roles()[role]
-        if model.torch_dtype == "float16" and model.trainer_config.parallel.data.mode != "deepspeed":
+        if model.load_dtype() == "float16" and model.trainer_config.parallel.data.mode != "deepspeed":
+            key = "trainer_config.torch_dtype" if model.trainer_config.torch_dtype else "torch_dtype"
             yield error(
-                f"{_model(role)}.torch_dtype",
+                f"{_model(role)}.{key}",
                 "found 'float16' with parallel.data.mode 'ddp': float16 training needs loss scaling, which only the "
                 "deepspeed mode has; use bfloat16, or mode deepspeed with fp16.enabled",
+            )
+
+
+@check
+def dtype_given_once(spec: JobSpec) -> Iterator[Problem]:
+    """Warns when a model's torch_dtype and its trainer_config.torch_dtype differ: the trainer_config one is
+    used, as XTuner does (it never reads the model-level key)."""
+    for role, model in spec.model_configs.roles().items():
+        outer, inner = model.torch_dtype, model.trainer_config.torch_dtype
+        if outer is not None and inner is not None and outer != inner:
+            yield warning(
+                f"{_model(role)}.torch_dtype",
+                f"{outer!r} is overridden by trainer_config.torch_dtype ({inner!r}), which the model is loaded in; "
+                "remove one of them",
+            )
+
+
+@check
+def checkpointing_only_where_trained(spec: JobSpec) -> Iterator[Problem]:
+    """Warns when gradient_checkpointing is set on a model that is never trained (reference, reward): it saves
+    activation memory of the backward pass only."""
+    for role in ("reference", "reward"):
+        if spec.model_configs.roles()[role].trainer_config.gradient_checkpointing:
+            yield warning(
+                f"{_model(role)}.trainer_config.gradient_checkpointing",
+                f"has no effect: the {role} is not trained, and inference keeps no activations to checkpoint",
             )
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from rlhf.core import yaml_io
 from rlhf.core.config import JobSpec
+from rlhf.core.problems import show
 
 SECTION_ORDER = [f.name for f in JobSpec.__dataclass_fields__.values()]
 _DTYPES = ("float32", "float16", "bfloat16", "float64", "half", "float", "bfloat")
@@ -61,14 +62,32 @@ def _plain(value: Any, where: str) -> Any:
     raise ConvertError(f"{where}: found {type(value).__name__} {value!r}, which a YAML spec cannot hold")
 
 
-def _move_trainer_dtype(models: dict) -> None:
-    """Some XTuner configs put torch_dtype inside trainer_config; the spec has it on the model."""
-    for model in models.values():
+def _map_model_keys(models: dict, notes: list[str]) -> None:
+    """XTuner's spellings of model keys as the spec has them. ``use_flash_attn`` (read by XTuner in
+    trainer_config, ignored at model level; the trainer_config one wins) becomes ``attn_implementation``
+    (true: flash_attention_2, false: sdpa); ``trainer_config.head_name`` moves to the model's ``head_name``.
+    ``trainer_config.torch_dtype`` and ``gradient_checkpointing`` are spec keys as they are."""
+    for role, model in models.items():
         if not isinstance(model, dict):
             continue
-        trainer = model.get("trainer_config")
-        if isinstance(trainer, dict) and "torch_dtype" in trainer and "torch_dtype" not in model:
-            model["torch_dtype"] = trainer.pop("torch_dtype")
+        where = f"model_configs.{role}"
+        trainer = model.get("trainer_config") if isinstance(model.get("trainer_config"), dict) else {}
+        outer, inner = model.pop("use_flash_attn", None), trainer.pop("use_flash_attn", None)
+        if outer is not None and inner is not None and bool(outer) != bool(inner):
+            notes.append(
+                f"{where}.use_flash_attn ({show(outer)}) is ignored, as XTuner ignores it; "
+                f"trainer_config.use_flash_attn ({show(inner)}) is used"
+            )
+        flash = inner if inner is not None else outer
+        if flash is not None and "attn_implementation" not in model:
+            model["attn_implementation"] = "flash_attention_2" if flash else "sdpa"
+        if "head_name" in trainer:
+            head = trainer.pop("head_name")
+            if model.setdefault("head_name", head) != head:
+                raise ConvertError(
+                    f"{where}: head_name {model['head_name']!r} and trainer_config.head_name {head!r} differ; "
+                    "keep the value head's real name"
+                )
 
 
 def run_name(path: Path) -> str:
@@ -76,8 +95,9 @@ def run_name(path: Path) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", path.stem)[:64] or "rlhf"
 
 
-def convert_file(path: str | Path) -> dict[str, Any]:
-    """Execute an XTuner config and return the spec dict (not yet validated)."""
+def convert_file(path: str | Path, notes: list[str] | None = None) -> dict[str, Any]:
+    """Execute an XTuner config and return the spec dict (not yet validated); what a user should know about
+    the conversion (a key XTuner ignored, ...) is appended to ``notes``, one line each."""
     path = Path(path)
     if not path.is_file():
         raise ConvertError(f"{path}: no such file")
@@ -103,7 +123,8 @@ def convert_file(path: str | Path) -> dict[str, Any]:
     }
     if "model_configs" not in sections:
         raise ConvertError(f"{path}: no module-level model_configs dict; is this an XTuner-RLHF config?")
-    _move_trainer_dtype(sections["model_configs"])
+    if isinstance(sections["model_configs"], dict):
+        _map_model_keys(sections["model_configs"], notes if notes is not None else [])
     run = sections.pop("run", {})
     spec: dict[str, Any] = {"run": {"name": run_name(path), **(run if isinstance(run, dict) else {})}}
     for name in SECTION_ORDER:

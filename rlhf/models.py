@@ -62,25 +62,54 @@ def is_partitioned(model: torch.nn.Module) -> bool:
     return any(hasattr(p, "ds_id") for p in model.parameters())
 
 
-def load_causal_lm(path: str, dtype: str, device: torch.device, zero3_config: dict | None = None) -> PreTrainedModel:
-    """A causal LM (Hugging Face id or folder) in ``dtype`` on ``device``, in eval mode; from the local
-    cache only when HF_HUB_OFFLINE is set. With ``zero3_config`` (a ZeRO-3 DeepSpeed config) it is
-    loaded partitioned (``partitioned_loading``), to be handed to DeepSpeed with that config."""
+_FELL_BACK: set[str] = set()  # fallback reasons already reported by this process
+
+
+def attention_kernel(requested: str, device: torch.device) -> str:
+    """The attention implementation to load with: ``requested`` (eager, sdpa, flash_attention_2), except that
+    flash_attention_2 without a CUDA device or without the flash-attn package falls back to sdpa, with one
+    warning line per process (every model of a process would otherwise repeat it)."""
+    if requested != "flash_attention_2":
+        return requested
+    from transformers.utils import is_flash_attn_2_available
+
+    if device.type != "cuda":
+        reason = f"needs a CUDA GPU, and this process runs on {device.type}"
+    elif not is_flash_attn_2_available():
+        reason = "needs the flash-attn package, which is not installed here (pip install flash-attn)"
+    else:
+        return requested
+    if reason not in _FELL_BACK:
+        _FELL_BACK.add(reason)
+        print(f"rlhf: warning: attn_implementation flash_attention_2 {reason}; using sdpa", flush=True)
+    return "sdpa"
+
+
+def load_causal_lm(
+    path: str, dtype: str, device: torch.device, zero3_config: dict | None = None, attn_implementation: str = "sdpa"
+) -> PreTrainedModel:
+    """A causal LM (Hugging Face id or folder) in ``dtype`` on ``device``, in eval mode, with the given
+    attention kernel (``attention_kernel``); from the local cache only when HF_HUB_OFFLINE is set. With
+    ``zero3_config`` (a ZeRO-3 DeepSpeed config) it is loaded partitioned (``partitioned_loading``), to
+    be handed to DeepSpeed with that config."""
     with partitioned_loading(zero3_config):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype], local_files_only=_is_offline())
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=_DTYPES[dtype], local_files_only=_is_offline(), attn_implementation=attention_kernel(attn_implementation, device)
+        )
     return _prepare(model, device)
 
 
 def load_value_model(
     path: str, dtype: str, device: torch.device, pad_token_id: int, role: str = "reward", head_name: str | None = None,
-    zero3_config: dict | None = None,
+    zero3_config: dict | None = None, attn_implementation: str = "sdpa",
 ) -> PreTrainedModel:
     """A sequence-classification model with one output, used per token (critic) or at the end
     (reward); its ``score`` head is the checkpoint's value head under whatever name it was saved
-    (rlhf/value_head.py). ``zero3_config``: loaded partitioned, as in ``load_causal_lm``."""
+    (rlhf/value_head.py). ``zero3_config`` and ``attn_implementation``: as in ``load_causal_lm``."""
     with partitioned_loading(zero3_config):
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, dtype=_DTYPES[dtype], local_files_only=_is_offline(), output_loading_info=True
+            path, num_labels=1, dtype=_DTYPES[dtype], local_files_only=_is_offline(), output_loading_info=True,
+            attn_implementation=attention_kernel(attn_implementation, device),
         )
     model.config.pad_token_id = pad_token_id
     if not isinstance(getattr(model, "score", None), torch.nn.Module):
@@ -111,6 +140,42 @@ def position_ids(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def enable_gradient_checkpointing(module: PolicyModule | ValueModule) -> int:
+    """Checkpoint every decoder layer of a trained module's model (non-reentrant): its forward keeps only
+    each layer's inputs and the backward recomputes the layer. Returns the number of checkpointed layers.
+
+    Hugging Face checkpoints a layer only while ``layer.training`` is true, and these models stay in
+    ``eval()`` for good (``_prepare``); so the module raises that flag on exactly the checkpointing
+    modules (not their children: dropout stays off) for the length of each forward that builds a graph
+    (``_checkpointing``). Forwards without grad (rollout log-probs, generation with its KV cache) are
+    left alone: a checkpointing layer drops the cache."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    module.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    module.checkpointing = [m for m in module.model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    layers = sum(isinstance(m, GradientCheckpointingLayer) for m in module.checkpointing)
+    if layers == 0:
+        raise ValueError(f"{type(module.model).__name__} has no decoder layers that Hugging Face can checkpoint")
+    return layers
+
+
+@contextlib.contextmanager
+def _checkpointing(modules: list[torch.nn.Module]):
+    """While it lasts, ``modules`` count as training for Hugging Face's checkpointing gate, when a graph is
+    being built; a no-op otherwise."""
+    if not modules or not torch.is_grad_enabled():
+        yield
+        return
+    before = [m.training for m in modules]
+    for m in modules:
+        m.training = True  # this module only; .train() would switch dropout on in its children
+    try:
+        yield
+    finally:
+        for m, was in zip(modules, before, strict=True):
+            m.training = was
+
+
 def compute_in(dtype: torch.dtype | None, device: torch.device):
     """Autocast to ``dtype`` (bf16 compute over fp32 master weights), or nothing when None."""
     if dtype is None:
@@ -127,11 +192,12 @@ class PolicyModule(torch.nn.Module):
         super().__init__()
         self.model = model
         self.compute_dtype: torch.dtype | None = None  # set by a trainer that keeps fp32 master weights
+        self.checkpointing: list[torch.nn.Module] = []  # set by enable_gradient_checkpointing
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, response_len: int, temperature: float = 1.0) -> Tensor:
         """Logits [B, R, V] (float32) of the last ``response_len`` tokens of ``input_ids`` [B, P + R],
         each from the prefix before it, divided by ``temperature``."""
-        with compute_in(self.compute_dtype, input_ids.device):
+        with compute_in(self.compute_dtype, input_ids.device), _checkpointing(self.checkpointing):
             out = self.model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -151,11 +217,12 @@ class ValueModule(torch.nn.Module):
         super().__init__()
         self.model = model
         self.compute_dtype: torch.dtype | None = None  # set by a trainer that keeps fp32 master weights
+        self.checkpointing: list[torch.nn.Module] = []  # set by enable_gradient_checkpointing
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, response_len: int) -> Tensor:
         """Values [B, R] (float32) of the last ``response_len`` tokens of ``input_ids`` [B, P + R], each
         from the hidden state of the prefix before it."""
-        with compute_in(self.compute_dtype, input_ids.device):
+        with compute_in(self.compute_dtype, input_ids.device), _checkpointing(self.checkpointing):
             hidden = self.model.base_model(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False
             ).last_hidden_state

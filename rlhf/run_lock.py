@@ -91,7 +91,7 @@ def holder(run_dir: str | os.PathLike) -> Holder | None:
     by a process that is gone). Takes the lock for a moment to tell, and never creates the file."""
     try:
         fd = os.open(lock_path(run_dir), os.O_RDONLY)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no run folder (yet), or a file in its place
         return None
     try:
         if _try_flock(fd):

@@ -111,37 +111,71 @@ def test_training_memory_by_zero_stage(stage):
     gib = 1024**3
     expected = {0: (16, 16, 96), 1: (16, 16, 12), 2: (16, 2, 12), 3: (2, 2, 12)}[stage]
     assert (m.weights_gib * gib / 1e9, m.gradients_gib * gib / 1e9, m.optimizer_gib * gib / 1e9) == pytest.approx(expected)
-    assert m.activations_gib * gib == pytest.approx(34 * 2048 * 1 * 4096 * 32 * 2)
+    assert m.activations_gib * gib == pytest.approx(34 * 2048 * 1 * 4096 * 32)  # bytes of 16-bit activations
 
 
-def test_kv_cache_of_a_vllm_generator():
-    shape = ModelShape(7e9, 32, 4096, 4096, 32000, "test")
-    spec = sized_spec(vllm_generator(data=1, tensor=2), **{
-        "dataset_config.num_samples_each_epoch": 64, "dataset_config.max_seq_len": 1024, "rollout_config.max_new_tokens": 1024,
-        "model_configs.actor.torch_dtype": "bfloat16"})
-    m = memory.generator(spec.model_configs.actor, shape, spec)
-    per_token = 2 * 32 * 4096 * 2
-    assert m.kv_cache_gib * 1024**3 == pytest.approx(per_token * 2048 * 64 / 2)
-    assert m.weights_gib * 1024**3 == pytest.approx(7e9 * 2 / 2)
+# 7B-like shape with 32 heads; a separate generator, so that the actor's peak is training alone.
+SHAPE = ModelShape(7e9, 32, 4096, 4096, 32000, "test", heads=32)
+TRAINING = {**layout(actor=8, critic=8), **zero(3, "actor"), **vllm_generator(), "train_config.actor_micro_bs": 2,
+            "dataset_config.max_seq_len": 1024, "rollout_config.max_new_tokens": 1024}
 
 
-def test_memory_over_the_gpu_is_a_warning_with_advice():
-    loaded = load_sized(SEVEN_B, params_b=7, **{"slurm.gpu_memory_gb": 24})
-    warnings = [p.message for p in loaded.warnings]
-    assert any("actor: estimated peak" in w and "exceeds the 24 GiB" in w for w in warnings)
+def _training_activations(**overrides) -> float:
+    spec = sized_spec(TRAINING, **overrides)
+    return memory.training(spec.model_configs.actor, SHAPE, spec, micro=2, logits=False).activations_gib * 1024**3
 
 
-def test_plan_json_has_the_documented_fields():
-    data = load_sized(SEVEN_B_VLLM).plan.to_json()
-    assert {"total_gpus", "total_nodes", "roles", "components"} <= set(data)
-    assert {"name", "gpus", "data", "tensor", "pipeline", "component"} <= set(data["roles"][0])
-    assert {"index", "nodes", "gpus_per_node", "roles"} <= set(data["components"][0])
+def test_gradient_checkpointing_keeps_layer_inputs_and_one_layer():
+    """Korthikanti et al. 2022: 34 x s x b x h bytes per layer kept without recomputation; with full
+    recomputation each layer's 2 x s x b x h input plus one layer's activations during its backward."""
+    s, b, h, layers = 2048, 2, 4096, 32
+    plain = _training_activations()
+    checkpointed = _training_activations(**{"model_configs.actor.trainer_config.gradient_checkpointing": True})
+    assert plain == pytest.approx(34 * s * b * h * layers)
+    assert checkpointed == pytest.approx(2 * s * b * h * layers + 34 * s * b * h)
+    assert plain / checkpointed == pytest.approx(34 * 32 / (2 * 32 + 34))  # about 11x less
+    # Checkpointing the reference changes nothing: it only runs inference.
+    spec = sized_spec(TRAINING, **{"model_configs.reference.trainer_config.gradient_checkpointing": True})
+    plan_ref = memory.inference(spec.model_configs.reference, SHAPE, spec, micro=8, logits=False)
+    spec = sized_spec(TRAINING)
+    assert plan_ref == memory.inference(spec.model_configs.reference, SHAPE, spec, micro=8, logits=False)
 
 
-def test_plan_table_shows_tiny_estimates_without_an_empty_breakdown(tiny_models):
-    from launcher.show_plan import plan_table
+def test_eager_attention_adds_the_score_matrices_of_every_head():
+    """Eager attention materialises 5 x heads x s^2 x b bytes per layer (scores, softmax; Korthikanti eq. 1);
+    sdpa and flash_attention_2 keep none of it."""
+    s, b, h, heads, layers = 2048, 2, 4096, 32, 32
+    sdpa = _training_activations()
+    flash = _training_activations(**{"model_configs.actor.attn_implementation": "flash_attention_2"})
+    eager = _training_activations(**{"model_configs.actor.attn_implementation": "eager"})
+    assert sdpa == flash
+    assert eager - sdpa == pytest.approx(5 * heads * s * s * b * layers)
+    both = _training_activations(**{"model_configs.actor.attn_implementation": "eager",
+                                    "model_configs.actor.trainer_config.gradient_checkpointing": True})
+    assert both == pytest.approx(2 * s * b * h * layers + 34 * s * b * h + 5 * heads * s * s * b)
+    # Inference holds one layer at a time, scores included under eager.
+    spec = sized_spec(TRAINING, **{"model_configs.reward.attn_implementation": "eager"})
+    reward = memory.inference(spec.model_configs.reward, SHAPE, spec, micro=2, logits=False).activations_gib * 1024**3
+    assert reward == pytest.approx(34 * s * b * h + 5 * heads * s * s * b)
 
-    tiny = plan_table(load().plan, 80)
-    assert "< 0.1" in tiny and "()" not in tiny
-    large = plan_table(load_sized(SEVEN_B, params_b=7).plan, 80)
-    assert "(weights " in large
+
+def test_float32_activations_take_twice_the_bytes_and_the_trainer_level_dtype_wins():
+    bf16 = _training_activations()
+    assert _training_activations(**{"model_configs.actor.torch_dtype": "float32"}) == pytest.approx(2 * bf16)
+    # XTuner's place for the dtype wins over the model-level one.
+    assert _training_activations(**{"model_configs.actor.trainer_config.torch_dtype": "float32"}) == pytest.approx(2 * bf16)
+
+
+def test_checkpointing_brings_a_long_sequence_layout_under_the_gpu():
+    """The plan's memory warning for 4k-token sequences in micro batches of 8 goes away with checkpointing."""
+    long = {**SEVEN_B_VLLM, "dataset_config.max_seq_len": 2048, "rollout_config.max_new_tokens": 2048,
+            "train_config.actor_micro_bs": 8, "train_config.critic_micro_bs": 8}
+
+    def over(overrides) -> list[str]:
+        """The trained roles whose estimate exceeds the GPU (the generator's KV cache is another matter)."""
+        roles = [p.message.split(":")[0] for p in load_sized(overrides, params_b=7).warnings if "estimated peak" in p.message]
+        return sorted(r for r in roles if r in ("actor", "critic"))
+
+    assert over(long) == ["actor", "critic"]
+    checkpointed = {**long, **{f"model_configs.{r}.trainer_config.gradient_checkpointing": True for r in ("actor", "critic")}}
+    assert over(checkpointed) == []

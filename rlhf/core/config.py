@@ -17,6 +17,7 @@ from typing import Any, Literal
 ROLES = ("actor", "reference", "critic", "reward")
 TRAINED = ("actor", "critic")  # the roles with an optimizer
 Dtype = Literal["float32", "bfloat16", "float16", "auto"]
+AttnImplementation = Literal["eager", "sdpa", "flash_attention_2"]
 
 
 def option(default: Any = MISSING, doc: str = "", *, factory: Any = MISSING, **schema: Any):
@@ -213,6 +214,17 @@ class TrainerConfig:
         "DeepSpeed config, passed verbatim, for data.mode deepspeed; needs zero_optimization.stage. "
         "Batch keys (train_batch_size, ...) are derived from train_config when left out.",
     )
+    torch_dtype: Dtype | None = option(
+        None,
+        "Weight dtype, where XTuner's configs put it (XTuner loads with this one and never reads the model-level "
+        "torch_dtype); wins over the model-level key, and a different model-level value is warned about.",
+    )
+    gradient_checkpointing: bool = option(
+        False,
+        "Actor and critic: activation checkpointing (non-reentrant) of every decoder layer. Training keeps only each "
+        "layer's input and recomputes the layer in the backward pass: far less activation memory, about a third more "
+        "compute. No effect on the reference and reward, which are not trained.",
+    )
 
 
 @dataclass(kw_only=True)
@@ -244,7 +256,15 @@ class ModelConfig:
     model_type: Literal["actor", "reference", "critic", "reward"] | None = option(
         None, "The role, as in XTuner configs; must match the key it is under. Default: that key."
     )
-    torch_dtype: Dtype = option("bfloat16", "Weight dtype; auto takes the checkpoint's.")
+    torch_dtype: Dtype | None = option(
+        None, "Weight dtype; auto takes the checkpoint's. Default: trainer_config.torch_dtype, else bfloat16."
+    )
+    attn_implementation: AttnImplementation = option(
+        "sdpa",
+        "Attention kernel, as Hugging Face names it: eager (materialises the seq x seq scores of every head), sdpa "
+        "(torch's fused attention) or flash_attention_2 (needs a CUDA GPU and the flash-attn package; falls back to "
+        "sdpa with a warning otherwise). XTuner's use_flash_attn: true converts to flash_attention_2.",
+    )
     num_params_b: float | None = option(
         None,
         "Parameters in billions, for the resource plan's memory estimate. Default: counted from a local "
@@ -259,6 +279,11 @@ class ModelConfig:
         pattern=r"^[A-Za-z_][\w.]*$",
     )
     trainer_config: TrainerConfig = section(TrainerConfig, "How this model is run.")
+
+    def load_dtype(self) -> str:
+        """The dtype the model is loaded in: ``trainer_config.torch_dtype`` (the one XTuner reads), else
+        ``torch_dtype``, else bfloat16. Resolving a spec writes it into ``torch_dtype``, which the runtime reads."""
+        return self.trainer_config.torch_dtype or self.torch_dtype or "bfloat16"
 
 
 @dataclass(kw_only=True)

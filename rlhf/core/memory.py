@@ -7,8 +7,15 @@ An estimate to catch layouts that cannot fit before waiting in a queue, not a pr
               parameter (fp32 master copy and moments), split over data ranks by ZeRO-1 and up;
               a bf16 model trained without DeepSpeed keeps fp32 weights, gradients and moments
               (4 + 4 + 8 bytes per parameter) and computes in bf16;
-  activations 34 x seq x micro batch x hidden x layers x 2 bytes (Korthikanti et al. 2022,
-              no recomputation), plus fp32 logits of the micro batch;
+  activations per decoder layer seq x micro x hidden x (34 + 5 x heads x seq / hidden) bytes with
+              16-bit activations (Korthikanti et al. 2022, "Reducing Activation Recomputation in
+              Large Transformer Models", eq. 1; twice that for float32 models). The second term is
+              the seq x seq attention scores and softmax of every head, which only the eager kernel
+              materialises: sdpa and flash_attention_2 compute attention in tiles and keep none.
+              Training without recomputation keeps every layer's; with gradient checkpointing it
+              keeps each layer's input (2 x seq x micro x hidden bytes per layer) plus the
+              activations of the one layer being recomputed (the paper's full recomputation, which
+              stores 2sbhL); inference keeps one layer's at a time. Plus fp32 logits of the micro batch;
   kv cache    2 x layers x kv_dim x bytes per token, for the sequences generated at once.
 """
 
@@ -47,9 +54,18 @@ def _seq_len(spec: JobSpec) -> int:
     return spec.dataset_config.max_seq_len + spec.rollout_config.max_new_tokens
 
 
-def _activations(shape: ModelShape, spec: JobSpec, micro: int, layers: int, logits: bool) -> float:
+def _activations(model: ModelConfig, shape: ModelShape, spec: JobSpec, micro: int, training: bool, logits: bool) -> float:
+    """Activation bytes of one micro batch at its peak (the module docstring has the formula)."""
     seq = _seq_len(spec)
-    act = 34 * seq * micro * shape.hidden * layers * 2
+    scale = 2 if model.load_dtype() == "float32" else 1  # the paper's 34 and 5 count 16-bit values
+    scores = 5 * shape.attention_heads * seq * seq * micro if model.attn_implementation == "eager" else 0
+    layer = (34 * seq * micro * shape.hidden + scores) * scale
+    if not training:
+        act = layer
+    elif model.trainer_config.gradient_checkpointing:
+        act = 2 * seq * micro * shape.hidden * scale * shape.layers + layer
+    else:
+        act = layer * shape.layers
     return act + (seq * micro * shape.vocab * 4 if logits else 0)
 
 
@@ -75,7 +91,7 @@ def training(model: ModelConfig, shape: ModelShape, spec: JobSpec, micro: int, l
     also generates, holds full weights (gathered under ZeRO-3) and a KV cache at its peak."""
     n = model.trainer_config.parallel.data.size
     stage = _zero_stage(model)
-    b = _DTYPE_BYTES[model.torch_dtype]
+    b = _DTYPE_BYTES[model.load_dtype()]
     if stage is not None and _mixed_precision(model):
         weights, grads, optim = 2 * shape.params, 2 * shape.params, 12 * shape.params
     elif stage is None and b == 2:  # torch keeps bf16 models' master weights in fp32 (rlhf/engine.py)
@@ -86,7 +102,7 @@ def training(model: ModelConfig, shape: ModelShape, spec: JobSpec, micro: int, l
         optim /= n if stage >= 1 else 1
         grads /= n if stage >= 2 else 1
         weights /= n if stage >= 3 else 1
-    acts = _activations(shape, spec, micro, shape.layers, logits)
+    acts = _activations(model, shape, spec, micro, True, logits)
     train = MemoryEstimate(weights / GIB, grads / GIB, optim / GIB, acts / GIB, 0.0)
     gen_cfg = getattr(model, "generator_config", None)
     if gen_cfg is None or not gen_cfg.shared_with_trainer:
@@ -99,8 +115,8 @@ def training(model: ModelConfig, shape: ModelShape, spec: JobSpec, micro: int, l
 
 def inference(model: ModelConfig, shape: ModelShape, spec: JobSpec, micro: int, logits: bool) -> MemoryEstimate:
     """Reference or reward: weights and one forward pass of a micro batch (one layer's activations live)."""
-    b = _DTYPE_BYTES[model.torch_dtype]
-    acts = _activations(shape, spec, micro, 1, logits)
+    b = _DTYPE_BYTES[model.load_dtype()]
+    acts = _activations(model, shape, spec, micro, False, logits)
     return MemoryEstimate(b * shape.params / GIB, 0.0, 0.0, acts / GIB, 0.0)
 
 
@@ -108,7 +124,7 @@ def generator(actor: ModelConfig, shape: ModelShape, spec: JobSpec) -> MemoryEst
     """A separate generator: weights split over tensor ranks and the KV cache of its share of the
     rollout (vLLM schedules them at once when they fit; HF generate runs actor_micro_bs at a time)."""
     gen = actor.generator_config
-    b = _DTYPE_BYTES[actor.torch_dtype]
+    b = _DTYPE_BYTES[actor.load_dtype()]
     tp = gen.parallel.tensor.size
     if gen.generator_type == "vllm":
         sequences = spec.dataset_config.num_samples_each_epoch // gen.parallel.data.size

@@ -24,6 +24,12 @@ class ModelShape:
     kv_dim: int  # key/value heads x head dim: the KV cache per token and layer is 2 x kv_dim values
     vocab: int
     source: str  # where the numbers came from, shown in the plan
+    heads: int | None = None  # attention heads; None: hidden / 128, the usual head size
+
+    @property
+    def attention_heads(self) -> int:
+        """Attention heads: as configured, else one per 128 hidden units."""
+        return self.heads or max(1, self.hidden // 128)
 
     @staticmethod
     def from_params(params: float, source: str, vocab: int = 32000) -> ModelShape:
@@ -59,7 +65,7 @@ def shape_from_config(cfg: dict, source: str) -> ModelShape:
     mlp = 3 * hidden * inter
     embeddings = vocab * hidden * (1 if cfg.get("tie_word_embeddings", False) else 2)
     params = embeddings + layers * (attention + mlp + 2 * hidden) + hidden
-    return ModelShape(float(params), layers, hidden, kv_heads * head_dim, vocab, source)
+    return ModelShape(float(params), layers, hidden, kv_heads * head_dim, vocab, source, heads)
 
 
 def local_config(model_path: str | None) -> dict | None:
@@ -85,7 +91,8 @@ def model_shape(model_path: str | None, num_params_b: float | None) -> ModelShap
                 shape = None
             if shape is not None:
                 if num_params_b:
-                    return ModelShape(num_params_b * 1e9, shape.layers, shape.hidden, shape.kv_dim, shape.vocab, "num_params_b")
+                    return ModelShape(num_params_b * 1e9, shape.layers, shape.hidden, shape.kv_dim, shape.vocab, "num_params_b",
+                                      shape.heads)
                 return shape
     if num_params_b:
         return ModelShape.from_params(num_params_b * 1e9, "num_params_b")

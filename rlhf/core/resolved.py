@@ -74,6 +74,8 @@ def resolve(spec: JobSpec, base_dir: Path) -> None:
     models = spec.model_configs.roles()
     for role, model in models.items():
         model.model_type = role
+        # One dtype for the runtime to read, wherever the spec gave it (XTuner's configs: in trainer_config).
+        model.torch_dtype = model.load_dtype()
         if model.model_path:
             model.model_path = _resolve_path(model.model_path, base_dir)
         if role in TRAINED and model.trainer_config.train_kwargs is None:

@@ -24,7 +24,8 @@ class ActorRole:
         cfg = spec.model_configs.actor
         self.spec, self.sampling, self.timer, self.cluster = spec, sampling, timer, cluster
         # Under ZeRO-3 the model is partitioned while it loads: no rank ever holds all of it.
-        self.model = load_causal_lm(cfg.model_path, cfg.torch_dtype, device, zero3_config(spec, "actor", cluster))
+        self.model = load_causal_lm(cfg.model_path, cfg.torch_dtype, device, zero3_config(spec, "actor", cluster),
+                                    cfg.attn_implementation)
         self.policy = PolicyModule(self.model)
         self.trainer = make_trainer(spec, "actor", self.policy, cluster, device)
         self.loss_type = cfg.trainer_config.train_kwargs.loss_type

@@ -13,6 +13,7 @@ from torch import Tensor
 from rlhf import ppo
 from rlhf.core.config import JobSpec
 from rlhf.engine import DeepSpeedTrainer, TorchTrainer, deepspeed_config
+from rlhf.models import enable_gradient_checkpointing
 from rlhf.protocols import Cluster, Trainer
 from rlhf.rollout import Batch, select, sequences
 from rlhf.timing import Timer
@@ -38,9 +39,12 @@ def zero3_config(spec: JobSpec, role: str, cluster: Cluster) -> dict | None:
 
 def make_trainer(spec: JobSpec, role: str, module: torch.nn.Module, cluster: Cluster, device: torch.device) -> Trainer:
     """Plain torch in one process; DDP or DeepSpeed over the role's ranks otherwise (a ZeRO-3
-    model may arrive partitioned already, loaded with ``zero3_config``)."""
+    model may arrive partitioned already, loaded with ``zero3_config``); ``module`` (a PolicyModule or
+    ValueModule) gets gradient checkpointing when the role's trainer_config asks for it."""
     cfg = spec.model_configs.roles()[role]
     kwargs = cfg.trainer_config.train_kwargs
+    if cfg.trainer_config.gradient_checkpointing:
+        enable_gradient_checkpointing(module)  # before DDP or DeepSpeed wraps it: the same for every mode
     group = cluster.group(role)
     if group is None:
         return TorchTrainer(module, kwargs)

@@ -21,7 +21,8 @@ class HFGeneratorRole:
     def __init__(self, spec: JobSpec, device: torch.device, sampling: SamplingSettings):
         cfg = spec.model_configs.actor
         self.spec, self.sampling, self.device = spec, sampling, device
-        self.model = load_causal_lm(cfg.model_path, cfg.torch_dtype, device).requires_grad_(False)
+        self.model = load_causal_lm(cfg.model_path, cfg.torch_dtype, device, attn_implementation=cfg.attn_implementation)
+        self.model.requires_grad_(False)
 
     def generate(self, prompts: Batch, first_row: int, seed_of) -> Batch:
         """One sampled response per prompt, ``rollout_config.actor_micro_bs`` prompts per generate call,

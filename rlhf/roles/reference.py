@@ -17,7 +17,8 @@ class ReferenceRole:
     def __init__(self, spec: JobSpec, device: torch.device, temperature: float):
         cfg = spec.model_configs.reference
         self.spec, self.temperature = spec, temperature
-        self.policy = PolicyModule(load_causal_lm(cfg.model_path, cfg.torch_dtype, device).requires_grad_(False))
+        self.policy = PolicyModule(load_causal_lm(cfg.model_path, cfg.torch_dtype, device,
+                                                  attn_implementation=cfg.attn_implementation).requires_grad_(False))
 
     def logprobs(self, rollout: Batch) -> Tensor:
         """Log-probs [B, R] of the rollout's response tokens under the frozen policy at the sampling temperature."""

@@ -38,7 +38,8 @@ class RewardRole:
             self.function, self.model = load_function(cfg.reward_function), None
         else:
             self.function = None
-            model = load_value_model(cfg.model_path, cfg.torch_dtype, device, tokenizer.pad_token_id, "reward", cfg.head_name)
+            model = load_value_model(cfg.model_path, cfg.torch_dtype, device, tokenizer.pad_token_id, "reward", cfg.head_name,
+                                     attn_implementation=cfg.attn_implementation)
             self.model = model.requires_grad_(False)
 
     def scores(self, rollout: Batch) -> Tensor:
