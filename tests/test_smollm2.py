@@ -18,11 +18,6 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def smollm2_dir():
-    return smollm2.build(ROOT / "build" / "smollm2")
-
-
 def test_conversion_gives_the_published_architecture(smollm2_dir):
     config = json.loads((smollm2_dir / "config.json").read_text())
     assert (
