@@ -136,7 +136,7 @@ def main_spec(argv: Sequence[str]) -> int:
             print(script, end="")
         return 0
     in_use = None if args.check else run_dir_in_use(Path(files.run_dir))
-    if in_use:  # first: a folder another run trains in is the one thing worth saying
+    if in_use:  # first, and once: a folder another run trains in is the one thing worth saying
         print(f"rlhf-launch: {in_use}", file=sys.stderr)
         return EXIT_BAD_SPEC
     if not args.no_check:
@@ -207,7 +207,7 @@ def submit_here(loaded, files, resume: str | None) -> int:
     from launcher.submit import SlurmError, submit
 
     run_dir = Path(files.run_dir)
-    problem = run_dir_in_use(run_dir) or prepare_run_dir(run_dir, loaded.spec, resume)
+    problem = prepare_run_dir(run_dir, loaded.spec, resume)
     if problem:
         print(f"rlhf-launch: {problem}", file=sys.stderr)
         return EXIT_BAD_SPEC
@@ -279,7 +279,7 @@ def start_line(loaded, run_dir: Path, resume: str | None, checkpoint: Path | Non
 def run_here(loaded, run_dir: Path, resume: str | None, processes: bool = False) -> int:
     """Train on this machine: in this process when the plan allows it and ``processes`` is not
     asked for, else one process per rank (launcher/local.py). Returns the exit status."""
-    problem = run_dir_in_use(run_dir) or prepare_run_dir(run_dir, loaded.spec, resume)
+    problem = prepare_run_dir(run_dir, loaded.spec, resume)
     if problem:
         print(f"rlhf-launch: {problem}", file=sys.stderr)
         return EXIT_BAD_SPEC
