@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import copy
 import datetime
+import faulthandler
 import os
 import pickle
+import signal
 import tempfile
 import time
 import traceback
@@ -193,39 +195,72 @@ def reward_function(name: str = "rlhf.rewards:vowel_ratio") -> dict[str, Any]:
 # --------------------------------------------------------------------------- process groups
 def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 60.0) -> list[Any]:
     """Run ``fn(rank, world_size, store, *args)`` in ``world_size`` processes; return what each
-    returned, in rank order. ``store`` is a client of one TCPStore (this process holds the
-    server) on which ``rlhf.dist.PeerGroup``s can be built.
+    returned, in rank order. ``store`` is a client of one TCPStore, served by a process of its own
+    that outlives every rank, on which ``rlhf.dist.PeerGroup``s can be built.
 
     The processes are forked: they start in milliseconds (spawned ones would import torch and
     transformers again, seconds each) and ``fn`` may be a closure. A rank that raises fails the
-    call with its traceback; ranks still running after ``timeout_s`` are killed and named.
+    call with its traceback; ranks still running after ``timeout_s`` are killed and named, with
+    the stack each was in.
+
+    This process never serves the store itself: the server's thread takes glibc's resolver lock
+    while it names each connecting peer, and a rank forked at that moment inherits the lock held
+    and hangs forever in its own first connect.
     """
     import multiprocessing
 
-    import torch.distributed as dist
+    import torch.distributed  # noqa: F401 - imported once here, not once in every forked rank
 
     timeout = datetime.timedelta(seconds=timeout_s)
-    server = dist.TCPStore("127.0.0.1", 0, world_size + 1, is_master=True, timeout=timeout, wait_for_workers=False)
     ctx = multiprocessing.get_context("fork")
-    with tempfile.TemporaryDirectory(prefix="ranks-") as out:
-        procs = [ctx.Process(target=_rank_main, args=(fn, rank, world_size, server.port, timeout, Path(out), args), daemon=True)
-                 for rank in range(world_size)]
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + timeout_s
-        for p in procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-        hung = [rank for rank, p in enumerate(procs) if p.is_alive()]
-        for rank in hung:
-            procs[rank].kill()
-            procs[rank].join()
-        errors = [(Path(out) / f"{rank}.err").read_text() for rank in range(world_size) if (Path(out) / f"{rank}.err").exists()]
-        if errors or hung:
-            # A rank that failed usually leaves the others waiting in a collective: its traceback is the news.
-            raise AssertionError("\n".join(errors) + (f"\nranks {hung} still running after {timeout_s:g} s" if hung else ""))
-        died = [(rank, p.exitcode) for rank, p in enumerate(procs) if p.exitcode != 0]
-        assert not died, f"ranks exited without a result: {died} (rank, exit code)"
-        return [pickle.loads((Path(out) / f"{rank}.pkl").read_bytes()) for rank in range(world_size)]
+    to_host, host_end = ctx.Pipe()
+    host = ctx.Process(target=_serve_store, args=(host_end, world_size, timeout), daemon=True)
+    host.start()
+    try:
+        if not to_host.poll(timeout_s):
+            raise AssertionError(f"the store process did not start in {timeout_s:g} s")
+        port = to_host.recv()
+        with tempfile.TemporaryDirectory(prefix="ranks-") as out:
+            procs = [ctx.Process(target=_rank_main, args=(fn, rank, world_size, port, timeout, Path(out), args), daemon=True)
+                     for rank in range(world_size)]
+            for p in procs:
+                p.start()
+            deadline = time.monotonic() + timeout_s
+            for p in procs:
+                p.join(max(0.0, deadline - time.monotonic()))
+            hung = [rank for rank, p in enumerate(procs) if p.is_alive()]
+            stacks = _stacks_of(hung, procs, Path(out))
+            for rank in hung:
+                procs[rank].kill()
+                procs[rank].join()
+            errors = [(Path(out) / f"{rank}.err").read_text() for rank in range(world_size) if (Path(out) / f"{rank}.err").exists()]
+            if errors or hung:
+                # A rank that failed usually leaves the others waiting in a collective: its traceback is the news.
+                raise AssertionError("\n".join(errors) + (f"\nranks {hung} still running after {timeout_s:g} s\n{stacks}" if hung else ""))
+            died = [(rank, p.exitcode) for rank, p in enumerate(procs) if p.exitcode != 0]
+            assert not died, f"ranks exited without a result: {died} (rank, exit code)"
+            return [pickle.loads((Path(out) / f"{rank}.pkl").read_bytes()) for rank in range(world_size)]
+    finally:
+        host.kill()
+        host.join()
+
+
+def _serve_store(conn, world_size: int, timeout: datetime.timedelta) -> None:
+    """Serve the ranks' TCPStore: send its port, then keep it up until killed."""
+    import torch.distributed as dist
+
+    server = dist.TCPStore("127.0.0.1", 0, world_size + 1, is_master=True, timeout=timeout, wait_for_workers=False)
+    conn.send(server.port)
+    while True:
+        time.sleep(3600)
+
+
+def _stacks_of(hung: list[int], procs: list, out: Path) -> str:
+    """The Python stacks of the hung ranks, each dumped by the rank itself on SIGUSR1."""
+    for rank in hung:
+        os.kill(procs[rank].pid, signal.SIGUSR1)
+    time.sleep(0.5)
+    return "\n".join(f"rank {rank}:\n{(out / f'{rank}.stack').read_text()}" for rank in hung if (out / f"{rank}.stack").exists())
 
 
 def _rank_main(fn: Callable[..., Any], rank: int, world_size: int, port: int, timeout: datetime.timedelta,
@@ -235,6 +270,8 @@ def _rank_main(fn: Callable[..., Any], rank: int, world_size: int, port: int, ti
 
     # As in DataLoader workers: a forked child must not use the parent's OpenMP thread pool.
     torch.set_num_threads(1)
+    # A rank that hangs is asked (SIGUSR1) where it is before it is killed.
+    faulthandler.register(signal.SIGUSR1, file=(out / f"{rank}.stack").open("w"), all_threads=True)
     try:
         store = dist.TCPStore("127.0.0.1", port, world_size + 1, is_master=False, timeout=timeout)
         result = fn(rank, world_size, store, *args)
