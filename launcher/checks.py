@@ -6,10 +6,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from rlhf.core.algorithms import ESTIMATORS
 from rlhf.core.config import TRAINED, JobSpec, ModelConfig, Parallel
 from rlhf.core.data_sources import parse_source
 from rlhf.core.model_shape import local_config
-from rlhf.core.problems import Problem, error, warning
+from rlhf.core.model_tokenizers import RESERVED_KWARGS
+from rlhf.core.problems import Problem, did_you_mean, error, warning
+from rlhf.core.system_prompts import describe_names, system_prompt_table
 
 Check = Callable[[JobSpec], Iterator[Problem]]
 CHECKS: list[Check] = []
@@ -96,19 +99,13 @@ def generator_sharing(spec: JobSpec) -> Iterator[Problem]:
 
 @check
 def deepspeed_configs(spec: JobSpec) -> Iterator[Problem]:
-    """DeepSpeed only for trained models, with a deepspeed_config that names a ZeRO stage and whose batch
-    and precision keys agree with the spec; no deepspeed_config without data.mode deepspeed."""
+    """A deepspeed_config that names a ZeRO stage and whose batch and precision keys agree with the spec;
+    for the reference and reward (inference only) ZeRO-3 without an optimizer; no deepspeed_config
+    without data.mode deepspeed."""
     for role, model in spec.model_configs.roles().items():
         tc = model.trainer_config
         prefix = f"{_model(role)}.trainer_config"
         mode = tc.parallel.data.mode
-        if mode == "deepspeed" and role not in TRAINED:
-            yield error(
-                f"{prefix}.parallel.data.mode",
-                f"found 'deepspeed' for {role}, which only runs inference: DeepSpeed inference is not supported yet; "
-                "expected 'ddp'",
-            )
-            continue
         if mode == "deepspeed":
             stage = (tc.deepspeed_config or {}).get("zero_optimization", {}).get("stage")
             if tc.deepspeed_config is None:
@@ -121,20 +118,67 @@ def deepspeed_configs(spec: JobSpec) -> Iterator[Problem]:
                 yield error(
                     f"{prefix}.deepspeed_config.zero_optimization.stage", f"found {stage!r}, expected a ZeRO stage 0, 1, 2 or 3"
                 )
-            else:
-                yield from _deepspeed_batch_keys(spec, role, prefix + ".deepspeed_config")
+            elif role in TRAINED:
+                micro, total = spec.train_micro_batch(role), spec.train_minibatch(role)
+                yield from _deepspeed_batch_keys(spec, role, prefix + ".deepspeed_config", micro, total, "train_config")
                 yield from _deepspeed_precision_keys(tc.deepspeed_config, prefix + ".deepspeed_config")
+            else:
+                yield from _deepspeed_inference(spec, role, model, prefix + ".deepspeed_config")
         elif tc.deepspeed_config is not None:
             yield error(
                 f"{prefix}.deepspeed_config", f"set, but parallel.data.mode is {mode!r}; set mode: deepspeed or remove deepspeed_config"
             )
 
 
-def _deepspeed_batch_keys(spec: JobSpec, role: str, prefix: str) -> Iterator[Problem]:
+_INFERENCE_MICRO_KEY = {"reference": "repeater_config.ref_micro_bs", "reward": "rollout_config.reward_micro_bs"}
+
+
+def _deepspeed_inference(spec: JobSpec, role: str, model: ModelConfig, prefix: str) -> Iterator[Problem]:
+    """A frozen model under DeepSpeed: ZeRO-3 (its weights sharded over the role's ranks), nothing of
+    training, batch keys of one inference micro batch per rank, precision that keeps the model's dtype."""
+    ds = model.trainer_config.deepspeed_config
+    stage = ds.get("zero_optimization", {}).get("stage")
+    if stage != 3:
+        yield error(
+            f"{prefix}.zero_optimization.stage",
+            f"found {stage} for {role}, which only runs inference: ZeRO stages 0-2 shard gradients and optimizer states, "
+            "which a frozen model has none of; expected 3 (weights sharded over the role's ranks), or parallel.data.mode 'ddp'",
+        )
+        return
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            yield error(f"{prefix}.{key}", f"set, but the {role} model is not trained; remove it")
+    micro = spec.inference_micro_batch(role)
+    dp = model.trainer_config.parallel.data.size
+    yield from _deepspeed_batch_keys(spec, role, prefix, micro, micro * dp, _INFERENCE_MICRO_KEY[role])
+    yield from _deepspeed_precision_keys(ds, prefix)
+    yield from _deepspeed_inference_dtype(ds, model, prefix)
+
+
+def _deepspeed_inference_dtype(ds: dict, model: ModelConfig, prefix: str) -> Iterator[Problem]:
+    """zero.Init casts the weights to the config's precision: one that differs from the model's dtype
+    would silently change the numbers (or, fp32 for a bf16 model, double the memory)."""
+    dtype = model.load_dtype()
+    enabled = [s for s in ("bf16", "fp16") if isinstance(ds.get(s), dict) and ds[s].get("enabled")]
+    config_dtype = {"bf16": "bfloat16", "fp16": "float16"}[enabled[0]] if enabled else "float32"
+    given = any(s in ds for s in ("bf16", "fp16"))
+    if dtype == "auto" and not given:
+        yield warning(
+            f"{prefix}.bf16",
+            "missing, and the model's torch_dtype is 'auto': ZeRO-3 would load the weights in float32; "
+            "set the model's torch_dtype (e.g. bfloat16) or bf16: {enabled: true}",
+        )
+    if given and dtype != "auto" and config_dtype != dtype:
+        yield error(
+            f"{prefix}.{enabled[0] if enabled else 'bf16'}",
+            f"ZeRO-3 loads the weights in {config_dtype}, but the model's torch_dtype is {dtype!r}; "
+            "remove bf16/fp16 from the deepspeed_config to have the precision follow torch_dtype",
+        )
+
+
+def _deepspeed_batch_keys(spec: JobSpec, role: str, prefix: str, micro: int, total: int, source: str) -> Iterator[Problem]:
     ds = spec.model_configs.roles()[role].trainer_config.deepspeed_config
     dp = spec.model_configs.roles()[role].trainer_config.parallel.data.size
-    micro = spec.train_micro_batch(role)
-    total = spec.train_minibatch(role)
     expected = {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": total // (dp * micro) if total % (dp * micro) == 0 else None,
@@ -144,7 +188,7 @@ def _deepspeed_batch_keys(spec: JobSpec, role: str, prefix: str) -> Iterator[Pro
         if key in ds and value is not None and ds[key] != value:
             yield error(
                 f"{prefix}.{key}",
-                f"found {ds[key]!r}, expected {value} (derived from train_config and data size {dp}); remove it to have it derived",
+                f"found {ds[key]!r}, expected {value} (derived from {source} and data size {dp}); remove it to have it derived",
             )
 
 
@@ -225,36 +269,76 @@ def _nearby_multiples(value: int, unit: int) -> str:
 
 @check
 def batch_sizes_divide(spec: JobSpec) -> Iterator[Problem]:
-    """Batches split evenly: each minibatch divides the rollout batch and is a whole number of micro
-    batches on every data-parallel rank, and every role's data size divides the rollout batch."""
+    """Batches split as the runtime needs: each minibatch divides the rollout batch; every rank of a
+    role gets at least one sequence of the rollout and of each minibatch; and the largest share of a
+    minibatch (the first rank's, shares differ by at most one) is a whole number of micro batches.
+
+    Shares need not be equal (32 prompts over 3 ranks: 11, 11, 10). Every rank of a trained role
+    runs as many micro batches as the largest share has, so that their collectives pair up; with
+    whole micro batches in the largest share, a smaller one only has a shorter last micro batch."""
     tc = spec.train_config
-    rollout = spec.dataset_config.num_samples_each_epoch
+    rollout = spec.rollout_size()  # sequences: prompts x n_samples_per_prompt
+    n = spec.rollout_config.n_samples_per_prompt
+    what = f"the rollout batch ({rollout} = dataset_config.num_samples_each_epoch x rollout_config.n_samples_per_prompt {n})" \
+        if n > 1 else f"dataset_config.num_samples_each_epoch ({rollout})"
     for key in ("ppo_minibatch", "value_minibatch"):
         size = getattr(tc, key)
         if rollout % size:
             yield error(
                 f"train_config.{key}",
-                f"found {size}, expected a divisor of dataset_config.num_samples_each_epoch ({rollout}) "
-                "so that every optimizer step sees the same number of sequences",
+                f"found {size}, expected a divisor of {what} so that every optimizer step sees the same number of sequences",
             )
     for role in TRAINED:
-        dp = spec.model_configs.roles()[role].trainer_config.parallel.data.size
-        micro = spec.train_micro_batch(role)
-        size = spec.train_minibatch(role)
-        key = "ppo_minibatch" if role == "actor" else "value_minibatch"
-        if size % (dp * micro):
-            yield error(
-                f"train_config.{key}",
-                f"found {size}, expected a multiple of {role} data size {dp} x micro batch {micro} = {dp * micro} "
-                f"(gradient accumulation needs a whole number of micro steps); try {_nearby_multiples(size, dp * micro)}",
-            )
+        yield from _minibatch_shares(spec, role)
     for role, dp in _data_sizes(spec).items():
-        if rollout % dp:
+        if rollout < dp:
             yield error(
                 "dataset_config.num_samples_each_epoch",
-                f"found {rollout}, expected a multiple of the {role} data size {dp} so that every rank gets an equal shard; "
-                f"try {_nearby_multiples(rollout, dp)}",
+                f"found {rollout} sequences per rollout, expected at least the {role} data size {dp} so that every {role} "
+                "rank gets a sequence",
             )
+
+
+def _minibatch_shares(spec: JobSpec, role: str) -> Iterator[Problem]:
+    dp = spec.model_configs.roles()[role].trainer_config.parallel.data.size
+    micro = spec.train_micro_batch(role)
+    size = spec.train_minibatch(role)
+    key = f"train_config.{'ppo_minibatch' if role == 'actor' else 'value_minibatch'}"
+    largest = -(-size // dp)
+    if size < dp:
+        yield error(key, f"found {size}, expected at least the {role} data size {dp} so that every {role} rank trains on a sequence")
+    elif size % dp == 0 and size % (dp * micro):
+        yield error(
+            key,
+            f"found {size}, expected a multiple of {role} data size {dp} x micro batch {micro} = {dp * micro} "
+            f"(gradient accumulation needs a whole number of micro steps); try {_nearby_multiples(size, dp * micro)}",
+        )
+    elif largest % micro:
+        yield error(
+            key,
+            f"found {size}: over {role} data size {dp} its largest share is {largest} sequences, expected a whole number "
+            f"of micro batches ({micro}; every rank runs the micro steps of the largest share, the others end with a "
+            f"shorter one); try a minibatch whose share over {dp} ranks is a multiple of {micro}, "
+            f"e.g. {_nearby_multiples(size, dp * micro)}",
+        )
+
+
+# What the launcher and the sbatch script set for every rank: a role's envs must not change them.
+_LAUNCHER_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK")
+_LAUNCHER_PREFIXES = ("RLHF_", "SLURM_")
+
+
+@check
+def envs_leave_launcher_variables_alone(spec: JobSpec) -> Iterator[Problem]:
+    """trainer_config.envs may not set the variables that place a rank in the job (the rendezvous
+    address, RLHF_* and SLURM_* variables): a rank given other values would not find its peers."""
+    for role, model in spec.model_configs.roles().items():
+        for name in model.trainer_config.envs:
+            if name in _LAUNCHER_VARIABLES or name.startswith(_LAUNCHER_PREFIXES):
+                yield error(
+                    f"{_model(role)}.trainer_config.envs.{name}",
+                    "set, but the launcher sets it for every rank (rendezvous and rank placement); remove it",
+                )
 
 
 def _data_sizes(spec: JobSpec) -> dict[str, int]:
@@ -313,6 +397,12 @@ def rewards_and_sampling(spec: JobSpec) -> Iterator[Problem]:
     for key in ("fine_grained_rm", "value_ema"):
         if getattr(rc, key):
             yield error(f"repeater_config.{key}", "found true: not supported yet; expected false")
+    if rc.reward_scale and rc.norm_rewards:
+        yield warning(
+            "repeater_config.reward_scale",
+            "true together with norm_rewards, which already divides by the running std: scores are normalised once; "
+            "set reward_scale: false to say so",
+        )
 
 
 @check
@@ -349,6 +439,125 @@ def prompt_sources(spec: JobSpec) -> Iterator[Problem]:
             parse_source(entry)
         except ValueError as exc:
             yield error(f"dataset_config.ppo_datas.{i}", str(exc))
+
+
+@check
+def system_prompt_names(spec: JobSpec) -> Iterator[Problem]:
+    """Every ``[META]`` / ``[REWARD_META]`` name of a ``ppo_datas`` entry is in the system prompt table
+    (built-in names and ``dataset_config.system_prompts``); warns when ``[REWARD_META]`` meets a
+    reward_function, which receives the decoded texts without it."""
+    table = system_prompt_table(spec.dataset_config.system_prompts)
+    for i, entry in enumerate(spec.dataset_config.ppo_datas):
+        try:
+            source = parse_source(entry)
+        except ValueError:
+            continue  # prompt_sources reports it
+        for tag, name in (("META", source.meta), ("REWARD_META", source.reward_meta)):
+            if name is not None and name not in table:
+                yield error(
+                    f"dataset_config.ppo_datas.{i}",
+                    f"found '[{tag}]:{name}', but there is no system prompt named {name!r}{did_you_mean(name, table)}; "
+                    f"expected one of {describe_names(table)}, or add it under dataset_config.system_prompts",
+                )
+        if source.reward_meta is not None and spec.model_configs.reward.reward_function:
+            yield warning(
+                f"dataset_config.ppo_datas.{i}",
+                f"'[REWARD_META]:{source.reward_meta}' has no effect: model_configs.reward.reward_function receives the "
+                "decoded prompts and responses, without a reward system prompt; remove it or use a reward model",
+            )
+
+
+@check
+def model_tokenizer_settings(spec: JobSpec) -> Iterator[Problem]:
+    """No ``from_pretrained_kwargs`` that the runtime sets itself, and no reward tokenizer_config that
+    nothing reads (a reward_function receives texts)."""
+    settings = {"tokenizer_config": spec.tokenizer_config}
+    settings.update({f"{_model(role)}.tokenizer_config": m.tokenizer_config for role, m in spec.model_configs.roles().items()
+                     if m.tokenizer_config is not None})
+    for prefix, config in settings.items():
+        for key in sorted(set(config.from_pretrained_kwargs) & set(RESERVED_KWARGS)):
+            yield error(f"{prefix}.from_pretrained_kwargs.{key}", f"set, but {RESERVED_KWARGS[key]}; remove it")
+    reward = spec.model_configs.reward
+    if reward.reward_function and reward.tokenizer_config is not None:
+        yield warning(
+            f"{_model('reward')}.tokenizer_config",
+            "has no effect: reward_function receives texts decoded with the policy's tokenizer; remove it",
+        )
+
+
+@check
+def group_estimators_have_groups(spec: JobSpec) -> Iterator[Problem]:
+    """An estimator that compares the samples of one prompt (grpo, dr_grpo, rloo, reinforce_pp_baseline) needs at
+    least two of them: with one, every advantage would be 0 (or undefined), and nothing would be learned."""
+    name = spec.repeater_config.advantage_estimator
+    n = spec.rollout_config.n_samples_per_prompt
+    if ESTIMATORS[name].needs_groups and n < 2:
+        yield error(
+            "rollout_config.n_samples_per_prompt",
+            f"found {n}, expected at least 2 with repeater_config.advantage_estimator {name} (it compares the responses "
+            "of one prompt); set n_samples_per_prompt to 4-16, or use advantage_estimator gae or reinforce_pp",
+        )
+
+
+@check
+def dynamic_sampling_needs_groups(spec: JobSpec) -> Iterator[Problem]:
+    """DAPO's dynamic sampling drops the groups whose n rewards are all equal: it needs groups (n >= 2) and an
+    estimator that compares them (for the others a constant group still carries a gradient)."""
+    ro = spec.rollout_config
+    if not ro.dynamic_sampling:
+        return
+    name = spec.repeater_config.advantage_estimator
+    if not ESTIMATORS[name].needs_groups:
+        groups = ", ".join(e for e in ESTIMATORS if ESTIMATORS[e].needs_groups)
+        yield error(
+            "rollout_config.dynamic_sampling",
+            f"found true with repeater_config.advantage_estimator {name}, expected a group estimator ({groups}): only they "
+            "give a group of equal rewards zero advantage; set advantage_estimator: grpo, or dynamic_sampling: false",
+        )
+    # With a group estimator, group_estimators_have_groups reports n < 2 already.
+    if ro.n_samples_per_prompt < 2 and not ESTIMATORS[name].needs_groups:
+        yield error(
+            "rollout_config.n_samples_per_prompt",
+            f"found {ro.n_samples_per_prompt}, expected at least 2 with rollout_config.dynamic_sampling (it drops the groups "
+            "whose n rewards are all equal); set n_samples_per_prompt to 4-16",
+        )
+
+
+@check
+def ptx_has_pretraining_text(spec: JobSpec) -> Iterator[Problem]:
+    """PPO-ptx: train_config.pretrain_loss_weight > 0 needs pretrain_dataset_config, a pretrain_dataset_config
+    without a weight is unused (a warning), and a DeepSpeed actor is not supported yet (its micro-step count to the
+    update is fixed by the PPO minibatch, and the pretraining micro steps would shift it)."""
+    weight = spec.train_config.pretrain_loss_weight
+    if weight > 0 and spec.pretrain_dataset_config is None:
+        yield error(
+            "train_config.pretrain_loss_weight",
+            f"found {weight} but no pretrain_dataset_config, expected one with the pretraining text; add "
+            "pretrain_dataset_config: {pretrain_datas: ['data/pretrain/tiny_text.jsonl::1.0']}, or set the weight to 0",
+        )
+    if weight == 0 and spec.pretrain_dataset_config is not None:
+        yield warning(
+            "pretrain_dataset_config",
+            "set, but train_config.pretrain_loss_weight is 0: the text is never used; set a weight > 0 or remove it",
+        )
+    mode = spec.model_configs.actor.trainer_config.parallel.data.mode
+    if weight > 0 and mode == "deepspeed":
+        yield error(
+            "train_config.pretrain_loss_weight",
+            f"found {weight} with model_configs.actor.trainer_config.parallel.data.mode deepspeed: PPO-ptx is not supported "
+            "under DeepSpeed yet; expected data.mode ddp for the actor, or weight 0",
+        )
+
+
+@check
+def critic_used_by_estimator(spec: JobSpec) -> Iterator[Problem]:
+    """Warns that the critic is planned but neither asked nor trained: only gae uses one."""
+    name = spec.repeater_config.advantage_estimator
+    if not ESTIMATORS[name].needs_critic:
+        yield warning(
+            "model_configs.critic",
+            f"planned, but repeater_config.advantage_estimator {name} uses no critic: it is loaded and never asked nor trained",
+        )
 
 
 @check

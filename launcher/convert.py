@@ -1,64 +1,58 @@
 """XTuner-RLHF Python configs -> YAML specs.
 
-The config file is EXECUTED (it is Python), with a small stand-in for ``torch`` that
-provides dtypes such as ``torch.bfloat16``, so that converting needs no torch install.
-Its module-level dicts become the spec's sections; everything is then validated.
+The config file is EXECUTED (it is Python; see ``convert_load``), and its module-level dicts become the
+spec's sections. Both of XTuner's formats convert: gen-1 (``actor``, ``dataset_config``) and the later
+one (``policy``, ``prompt_dataset_config``). What happens to each XTuner key is data, in
+``convert_tables``; ``convert_map``, ``convert_deepspeed`` and ``convert_notes`` apply it. Everything
+the user should know about the conversion becomes one note line; the result is then validated.
 """
 
 from __future__ import annotations
 
 import re
-import runpy
-import sys
-import types
 from pathlib import Path
 from typing import Any
 
+from launcher.convert_deepspeed import fix_deepspeed
+from launcher.convert_load import Call, ConvertError, Dtype, Stub, execute
+from launcher.convert_map import (
+    apply_renames,
+    detect_format,
+    drop_ignored,
+    drop_unread_micro_batch,
+    from_later_format,
+    map_criteria,
+    refuse_unsupported,
+    sequence_parallel,
+    write_defaults,
+)
+from launcher.convert_notes import behaviour_notes, tokenizer_keywords
+from launcher.convert_tables import LATER
 from rlhf.core import yaml_io
 from rlhf.core.config import JobSpec
 from rlhf.core.problems import show
 
+__all__ = ["ConvertError", "convert_file", "run_name", "to_yaml"]
+
 SECTION_ORDER = [f.name for f in JobSpec.__dataclass_fields__.values()]
-_DTYPES = ("float32", "float16", "bfloat16", "float64", "half", "float", "bfloat")
-_DTYPE_ALIASES = {"half": "float16", "float": "float32"}
 
 
-class ConvertError(Exception):
-    """An XTuner config that cannot be converted into a spec; the message says why."""
-
-
-class _Dtype:
-    def __init__(self, name: str):
-        self.name = _DTYPE_ALIASES.get(name, name)
-
-    def __repr__(self) -> str:
-        return f"torch.{self.name}"
-
-
-def _torch_stand_in() -> types.ModuleType:
-    module = types.ModuleType("torch")
-    for name in _DTYPES:
-        setattr(module, name, _Dtype(name))
-
-    def missing(attr: str) -> Any:
-        raise ConvertError(f"the config uses torch.{attr}; converting provides only torch dtypes")
-
-    module.__getattr__ = missing  # type: ignore[attr-defined]
-    return module
-
-
-def _plain(value: Any, where: str) -> Any:
-    """Config values as YAML can hold them."""
-    if isinstance(value, _Dtype):
+def _plain(value: Any, where: str, *, foreign_ok: bool) -> Any:
+    """Config values as YAML can hold them; stubbed names and loss objects pass while ``foreign_ok``."""
+    if isinstance(value, Dtype):
         return value.name
     if isinstance(value, dict):
-        return {str(k): _plain(v, f"{where}.{k}") for k, v in value.items()}
+        return {str(k): _plain(v, f"{where}.{k}", foreign_ok=foreign_ok) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v, f"{where}.{i}") for i, v in enumerate(value)]
+        return [_plain(v, f"{where}.{i}", foreign_ok=foreign_ok) for i, v in enumerate(value)]
     if isinstance(value, float) and value.is_integer() and abs(value) >= 1e6:
         return int(value)  # 1e9 step counts are integers written as floats
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    if foreign_ok and isinstance(value, (Stub, Call)):
+        return value
+    if isinstance(value, (Stub, Call)):
+        raise ConvertError(f"{where}: found {value!r} from a stubbed import, which a YAML spec cannot hold; write the value itself")
     raise ConvertError(f"{where}: found {type(value).__name__} {value!r}, which a YAML spec cannot hold")
 
 
@@ -97,41 +91,52 @@ def run_name(path: Path) -> str:
 
 def convert_file(path: str | Path, notes: list[str] | None = None) -> dict[str, Any]:
     """Execute an XTuner config and return the spec dict (not yet validated); what a user should know about
-    the conversion (a key XTuner ignored, ...) is appended to ``notes``, one line each."""
+    the conversion (a key XTuner ignored, a default written out, ...) is appended to ``notes``, one line each."""
     path = Path(path)
+    notes = notes if notes is not None else []
     if not path.is_file():
         raise ConvertError(f"{path}: no such file")
-    saved = sys.modules.get("torch")
-    sys.modules["torch"] = _torch_stand_in()
-    try:
-        namespace = runpy.run_path(str(path), run_name="__xtuner_config__")
-    except ConvertError:
-        raise
-    except SystemExit as exc:
-        raise ConvertError(f"{path}: the config exited ({exc.code})") from None
-    except Exception as exc:  # the file is the user's code: any error is reported, not raised
-        raise ConvertError(f"{path}: executing the config failed: {type(exc).__name__}: {exc}") from None
-    finally:
-        if saved is not None:
-            sys.modules["torch"] = saved
-        else:
-            sys.modules.pop("torch", None)
-    sections = {
-        name: _plain(value, name)
-        for name, value in namespace.items()
-        if isinstance(value, dict) and not name.startswith("_") and not name.isupper() and name != "__builtins__"
-    }
+    sections = _sections(execute(path, notes))
     if "model_configs" not in sections:
         raise ConvertError(f"{path}: no module-level model_configs dict; is this an XTuner-RLHF config?")
-    if isinstance(sections["model_configs"], dict):
-        _map_model_keys(sections["model_configs"], notes if notes is not None else [])
+    _convert_sections(sections, notes)
     run = sections.pop("run", {})
     spec: dict[str, Any] = {"run": {"name": run_name(path), **(run if isinstance(run, dict) else {})}}
     for name in SECTION_ORDER:
         if name in sections:
             spec[name] = sections.pop(name)
     spec.update(sections)  # unknown sections stay, so that validation names them
-    return spec
+    return _plain(spec, "", foreign_ok=False)
+
+
+def _sections(namespace: dict[str, Any]) -> dict[str, Any]:
+    """The config's module-level dicts (upper-case constants and ``_helpers`` excepted), as plain data."""
+    return {
+        name: _plain(value, name, foreign_ok=True)
+        for name, value in namespace.items()
+        if isinstance(value, dict) and not name.startswith("_") and not name.isupper()
+    }
+
+
+def _convert_sections(spec: dict[str, Any], notes: list[str]) -> None:
+    """Every step of the conversion, in order: later spellings, refused and dropped keys, XTuner's
+    defaults, then notes on what behaves differently and the DeepSpeed fixes (which need the batch sizes)."""
+    fmt = detect_format(spec)
+    if fmt == LATER:
+        from_later_format(spec, notes)
+    written = {name: set(section) for name, section in spec.items() if isinstance(section, dict)}
+    apply_renames(spec)
+    refuse_unsupported(spec, notes)
+    map_criteria(spec, notes)
+    drop_ignored(spec, notes)
+    sequence_parallel(spec)
+    if isinstance(spec["model_configs"], dict):
+        _map_model_keys(spec["model_configs"], notes)
+    write_defaults(spec, fmt, notes)
+    drop_unread_micro_batch(spec)
+    behaviour_notes(spec, fmt, written, notes)
+    tokenizer_keywords(spec)
+    fix_deepspeed(spec, notes)
 
 
 def to_yaml(spec: dict[str, Any]) -> str:

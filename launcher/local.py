@@ -11,6 +11,7 @@ are stopped and the failed role and rank are named; when the launcher dies, the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -70,16 +71,36 @@ def rank_environments(plan: Plan, port: int, threads: int, one_machine: bool = F
                 "SLURM_LOCALID": str(comp.first_rank + task if one_machine else task % comp.gpus_per_node),
                 "SLURM_NTASKS": str(comp.gpus),
                 "OMP_NUM_THREADS": str(threads),
+                **comp.envs,  # the roles' trainer_config.envs, after ours as on the srun line
             })
     return envs
+
+
+def conflicting_envs(plan: Plan) -> str | None:
+    """Why the roles cannot share one process's environment: a variable that two components' roles
+    set to different values (roles of one component agree, the plan checks that), or None."""
+    seen: dict[str, tuple[str, str]] = {}
+    for comp in plan.components:
+        for name, value in comp.envs.items():
+            where, first = seen.setdefault(name, (comp.name, value))
+            if first != value:
+                return f"the {where} and {comp.name} roles set {name} to different values ({first!r}, {value!r}) in trainer_config.envs"
+    return None
+
+
+def one_process_envs(spec) -> dict[str, str]:
+    """The variables of every role's trainer_config.envs, for a run of all roles in this process
+    (where ``conflicting_envs`` found no variable set to two values)."""
+    return {name: value for model in spec.model_configs.roles().values() for name, value in model.trainer_config.envs.items()}
 
 
 def one_process_blocker(spec, plan: Plan, cuda_available: Callable[[], bool] | None = None) -> str | None:
     """Why the job needs a process per rank, or None when one process can run every role.
 
     One process runs one rank per role, without DeepSpeed (its engines take the whole default
-    process group) and without vLLM (its CPU build changes process-wide thread settings); and on
-    a machine with GPUs the ranks keep a GPU each rather than sharing one."""
+    process group) and without vLLM (its CPU build changes process-wide thread settings); on
+    a machine with GPUs the ranks keep a GPU each rather than sharing one; and roles whose
+    trainer_config.envs set one variable to different values each keep their own environment."""
     several = [r.name for r in plan.roles if r.gpus > 1]
     if several:
         return f"{', '.join(several)} {'runs' if len(several) == 1 else 'run'} on several ranks"
@@ -91,7 +112,7 @@ def one_process_blocker(spec, plan: Plan, cuda_available: Callable[[], bool] | N
         return "the generator is vLLM"
     if plan.world_size > 1 and spec.run.device != "cpu" and (spec.run.device == "cuda" or (cuda_available or _cuda_available)()):
         return "each rank gets a GPU of its own"
-    return None
+    return conflicting_envs(plan)
 
 
 def local_gpus(spec, device_count: Callable[[], int] | None = None) -> int:
@@ -242,12 +263,34 @@ def one_process_threads(spec, env=os.environ) -> int:
     return max(1, min(os.cpu_count() or 1, spec.slurm.cpus_per_gpu))
 
 
-def run_in_process(spec, run_dir: Path, resume: str | None, threads: int | None = None) -> int:
+def run_in_process(spec, run_dir: Path, resume: str | None, threads: int | None = None, envs: dict[str, str] | None = None) -> int:
     """Run the whole job in this process (every role, the ``SingleProcess`` cluster), with
-    ``threads`` CPU threads (default: ``one_process_threads``).
+    ``threads`` CPU threads (default: ``one_process_threads``) and ``envs`` (default: ``one_process_envs``)
+    set in os.environ for the run: before any model loads, but after this process imported torch,
+    so variables read only at import time have no effect here.
 
     SIGUSR1 is a preemption notice as on Slurm (checkpoint after this step, then stop); SIGTERM
     and SIGHUP stop the run with its status recorded as failed."""
+    with _environment(one_process_envs(spec) if envs is None else envs):
+        return _run_in_process(spec, run_dir, resume, threads)
+
+
+@contextlib.contextmanager
+def _environment(envs: dict[str, str]):
+    """``envs`` in os.environ for the duration; the previous values afterwards (a caller such as a test lives on)."""
+    before = {name: os.environ.get(name) for name in envs}
+    os.environ.update(envs)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _run_in_process(spec, run_dir: Path, resume: str | None, threads: int | None) -> int:
     import torch
 
     from rlhf.loop import run

@@ -12,6 +12,10 @@ returns every problem found, in the spec's one-line ``Problem`` form:
   recomputed from the configs of cached hub models;
 - tokenizer: it loads; its special tokens exist; every model's vocabulary holds its ids;
 - prompts: a sample renders through the chat template; prompts longer than max_seq_len are counted;
+- system prompts: a sample prompt renders with each source's [META] system prompt, and a sample
+  conversation with its [REWARD_META] one through the reward model's tokenizer;
+- per-model tokenizers (``model_configs.<role>.tokenizer_config``): each loads, its token ids are in
+  its vocabulary, and its model's vocabulary holds it;
 - reward function: it imports, accepts (prompts, responses) and returns one finite float per response;
 - ``--resume``: the checkpoint is complete and was written for the same models and layout;
 - output: the run folder can be created, and on Slurm it is not under a node-local /tmp.
@@ -63,6 +67,7 @@ class Preflight:
     problems: list[Problem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     prompts: list[Messages] = field(default_factory=list)
+    fields: list[dict[str, Any]] = field(default_factory=list)  # each sampled prompt's other record fields (rlhf.data.record_fields)
     folders: dict[str, Path] = field(default_factory=dict)  # role -> its local model folder (or cache snapshot)
     configs: dict[str, dict] = field(default_factory=dict)  # role -> its config.json
 
@@ -79,10 +84,13 @@ def preflight(spec: JobSpec, run_dir: Path, resume: str | None, local: bool) -> 
     pf = Preflight(spec, Path(run_dir), resume, local)
     check_output(pf)
     check_data(pf)
+    check_pretrain_data(pf)
     check_models(pf)
     tokenizer = check_tokenizer(pf)
     if tokenizer is not None:
         check_prompts(pf, tokenizer)
+        check_system_prompts(pf, tokenizer)
+    check_model_tokenizers(pf, tokenizer)
     check_reward_function(pf, tokenizer)
     check_resume(pf)
     check_memory_plan(pf)
@@ -143,6 +151,42 @@ def check_data(pf: Preflight) -> None:
             _check_hub_dataset(pf, key, source)
 
 
+def check_pretrain_data(pf: Preflight) -> None:
+    """PPO-ptx: each pretraining source exists and its (sampled) records are texts or chats; only when the
+    weight uses them."""
+    config = pf.spec.pretrain_dataset_config
+    if config is None or pf.spec.train_config.pretrain_loss_weight <= 0:
+        return
+    from rlhf.data import PromptDataError, record_to_text
+
+    for i, entry in enumerate(config.pretrain_datas):
+        source, key = parse_source(entry).source, f"pretrain_dataset_config.pretrain_datas.{i}"
+        path = Path(source).expanduser()
+        if not (looks_local(source) or path.exists()):
+            _check_hub_dataset(pf, key, source)
+            continue
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in LOCAL_SUFFIXES) if path.is_dir() else [path]
+        if not path.exists() or not files:
+            pf.problems.append(error(key, f"{path}: no such file, or no {'/'.join(LOCAL_SUFFIXES)} files in it; expected pretraining text"))
+            continue
+        bad, total = [], 0
+        for file in files:
+            for where, record, problem in _records(file):
+                total += 1
+                if problem is None and where is not None:
+                    try:
+                        record_to_text(record, where)
+                    except PromptDataError as exc:
+                        problem = str(exc)
+                if problem is not None:
+                    bad.append(problem)
+        pf.problems.extend(error(key, message) for message in bad[:BAD_RECORDS_SHOWN])
+        if not bad and total == 0:
+            pf.problems.append(error(key, f"{source}: no records found; expected {{'text': ...}} records"))
+        elif not bad:
+            pf.notes.append(f"{source}: {total} pretraining texts")
+
+
 def _check_hub_dataset(pf: Preflight, key: str, name: str) -> None:
     from rlhf.data import split_hub_name
 
@@ -196,7 +240,7 @@ def _check_local_source(pf: Preflight, key: str, source: str, path: Path) -> Non
 
 def _check_file(pf: Preflight, file: Path, bad: list[str]) -> tuple[int, int]:
     """Parse and shape-check the records of one file; (records checked, records in the file)."""
-    from rlhf.data import PromptDataError, record_to_prompt
+    from rlhf.data import PromptDataError, record_fields, record_to_prompt
 
     checked, total = 0, 0
     for where, record, problem in _records(file):
@@ -210,6 +254,7 @@ def _check_file(pf: Preflight, file: Path, bad: list[str]) -> tuple[int, int]:
             else:
                 if len(pf.prompts) < RENDERED_PROMPTS:
                     pf.prompts.append(prompt)
+                    pf.fields.append(record_fields(record))
         if problem is not None:
             bad.append(problem)
     return checked, total
@@ -459,6 +504,7 @@ def check_tokenizer(pf: Preflight):
     size = len(tokenizer)
     ids = {
         "tokenizer_config.pad_token_id": tc.pad_token_id, "tokenizer_config.eos_token_id": tc.eos_token_id,
+        "tokenizer_config.bos_token_id": tc.bos_token_id,
         "rollout_config.generate_kwargs.pad_token_id": gk.pad_token_id,
         "rollout_config.generate_kwargs.eos_token_id": gk.eos_token_id,
         "repeater_config.answer_end_id": pf.spec.repeater_config.answer_end_id,
@@ -490,6 +536,8 @@ def check_tokenizer(pf: Preflight):
         ))
     for role, cfg in pf.configs.items():
         vocab = cfg.get("vocab_size")
+        if role == "reward" and pf.spec.model_configs.reward.tokenizer_config is not None:
+            continue  # checked against its own tokenizer (check_model_tokenizers)
         if isinstance(vocab, int) and vocab < size:
             pf.problems.append(error(
                 f"model_configs.{role}.model_path", f"{pf.folders[role]} has vocab_size {vocab}, but the tokenizer has "
@@ -522,6 +570,161 @@ def check_prompts(pf: Preflight, tokenizer) -> None:
     pf.notes.append(f"{len(lengths)} prompts rendered: {min(lengths)}..{max(lengths)} tokens, {len(over)} over max_seq_len {limit}")
 
 
+# ---------------------------------------------------------------------------------- system prompts
+def check_system_prompts(pf: Preflight, tokenizer) -> None:
+    """A sample prompt renders with each source's [META] system prompt through the policy's chat template
+    (a template may refuse system messages), and, when the reward model reads the policy's tokens, a
+    sample conversation with its [REWARD_META] one."""
+    from rlhf.core.system_prompts import system_prompt_table, with_system_prompt
+
+    table = system_prompt_table(pf.spec.dataset_config.system_prompts)
+    sample = pf.prompts[0] if pf.prompts else [{"role": "user", "content": "Hello?"}]
+    reward_own = pf.spec.model_configs.reward.tokenizer_config is not None  # check_model_tokenizers renders those
+    for i, entry in enumerate(pf.spec.dataset_config.ppo_datas):
+        source = parse_source(entry)
+        wanted = [("META", source.meta, False)]
+        if not reward_own and not pf.spec.model_configs.reward.reward_function:
+            wanted.append(("REWARD_META", source.reward_meta, True))
+        for tag, name, answered in wanted:
+            if name is None or name not in table:
+                continue  # unknown names are spec errors, reported before the pre-flight
+            messages = with_system_prompt(sample, table[name])
+            _render_sample(pf, f"dataset_config.ppo_datas.{i}", f"[{tag}]:{name}", tokenizer, messages, answered,
+                           pf.spec.tokenizer_config.chat_template)
+
+
+def _render_sample(pf: Preflight, key: str, what: str, tokenizer, messages: Messages, answered: bool, chat_template: str | None) -> None:
+    """Render ``messages`` (with a sample answer when ``answered``) and note its length, or report the template's failure."""
+    if answered:
+        messages = [*messages, {"role": "assistant", "content": SAMPLE_RESPONSES[1]}]
+    try:
+        ids = encode_conversation(tokenizer, messages, chat_template) if answered else tokenizer.encode(messages, chat_template)
+    except Exception as exc:  # noqa: BLE001 - a chat template can raise anything
+        pf.problems.append(error(key, (
+            f"{what}: the chat template fails on {messages!r:.200}: {type(exc).__name__}: {exc}; expected a template that "
+            "accepts a leading system message (set a chat_template that does, or drop the system prompt)"
+        )))
+        return
+    pf.notes.append(f"{key} {what}: a sample {'conversation' if answered else 'prompt'} renders to {len(ids)} tokens")
+
+
+def encode_conversation(tokenizer, messages: Messages, chat_template: str | None) -> list[int]:
+    """Token ids of a whole conversation as the reward model reads it (``rlhf.data.encode_conversation``),
+    with either pre-flight tokenizer."""
+    if isinstance(tokenizer, HFTokenizer):
+        from rlhf.data import encode_conversation as runtime_encode
+
+        return runtime_encode(tokenizer.tok, messages, chat_template)
+    template = chat_template or tokenizer.chat_template
+    if template is None:
+        text = "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
+        return tokenizer.backend.encode(text, add_special_tokens=True).ids
+    from transformers.utils.chat_template_utils import render_jinja_template  # torch-free; the runtime's renderer
+
+    rendered, _ = render_jinja_template([messages], chat_template=template, add_generation_prompt=False, **tokenizer.special)
+    return tokenizer.backend.encode(rendered[0], add_special_tokens=False).ids
+
+
+# ------------------------------------------------------------------------------ per-model tokenizers
+def check_model_tokenizers(pf: Preflight, policy_tokenizer) -> None:
+    """Each ``model_configs.<role>.tokenizer_config``: the tokenizer loads, its token ids are inside it, its
+    model's vocabulary holds it; a reward model's renders a sample conversation with its system prompt;
+    a critic's or reference's that differs from the policy's is warned about (they read the policy's ids)."""
+    for role, model in pf.spec.model_configs.roles().items():
+        if model.tokenizer_config is None or (role == "reward" and model.reward_function):
+            continue
+        key = f"model_configs.{role}.tokenizer_config"
+        tokenizer = _model_tokenizer(pf, role, key)
+        if tokenizer is None or not _token_ids_fit(pf, role, key, tokenizer):
+            continue
+        if role == "reward":
+            _render_reward_samples(pf, key, tokenizer)
+        elif role in ("critic", "reference") and policy_tokenizer is not None and not _same_shape(tokenizer, policy_tokenizer):
+            pf.problems.append(warning(key, (
+                f"loads a tokenizer of {len(tokenizer)} tokens (pad {tokenizer.id_of('pad_token')}), but the {role} reads the "
+                f"policy's token ids ({len(policy_tokenizer)} tokens, pad {policy_tokenizer.id_of('pad_token')}): its model must "
+                "share the policy's vocabulary; remove this tokenizer_config or make it the policy's"
+            )))
+
+
+def _model_tokenizer(pf: Preflight, role: str, key: str):
+    """The role's own tokenizer, loaded as ``check_tokenizer`` loads the job's; None (and a problem) when it cannot be."""
+    from rlhf.core.model_tokenizers import tokenizer_config_of
+
+    config = tokenizer_config_of(pf.spec, role)
+    model_path = pf.spec.model_configs.roles()[role].model_path
+    if config.tokenizer_path == model_path:
+        folder = pf.folders.get(role)
+    else:
+        folder = model_folder(pf, f"{key}.tokenizer_path", config.tokenizer_path)
+    if folder is None:
+        return None
+    try:
+        if (folder / "tokenizer.json").is_file() and not config.from_pretrained_kwargs:
+            return FastTokenizer(folder)
+        from rlhf.data import PromptDataError, load_tokenizer
+
+        try:
+            return HFTokenizer(load_tokenizer(config, str(folder), key))
+        except PromptDataError as exc:
+            pf.problems.append(error(key, str(exc)))
+    except Exception as exc:  # noqa: BLE001 - tokenizers and transformers raise many kinds for a bad file
+        pf.problems.append(error(f"{key}.tokenizer_path", f"cannot load the tokenizer in {folder}: {type(exc).__name__}: {exc}"))
+    return None
+
+
+def _token_ids_fit(pf: Preflight, role: str, key: str, tokenizer) -> bool:
+    """The settings' token ids are in the tokenizer, it has a padding token, and the role's model embeds every id."""
+    config = pf.spec.model_configs.roles()[role].tokenizer_config
+    size = len(tokenizer)
+    fits = True
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        token_id = getattr(config, name)
+        if token_id is not None and not 0 <= token_id < size:
+            pf.problems.append(error(f"{key}.{name}", f"found {token_id}, outside this tokenizer's vocabulary (ids 0..{size - 1})"))
+            fits = False
+    if fits and config.pad_token_id is None and tokenizer.id_of("pad_token") is None:
+        eos = tokenizer.id_of("eos_token")
+        hint = f" (e.g. the eos id {eos})" if eos is not None else ""
+        pf.problems.append(error(f"{key}.pad_token_id", f"the {role}'s tokenizer has no padding token; set it{hint}"))
+        fits = False
+    vocab = pf.configs.get(role, {}).get("vocab_size")
+    if isinstance(vocab, int) and vocab < size:
+        pf.problems.append(error(key, (
+            f"{pf.folders[role]} has vocab_size {vocab}, but this tokenizer has {size} tokens: ids from {vocab} on have no "
+            "embedding; expected the tokenizer of this model (tokenizer_path defaults to the model's own folder)"
+        )))
+        fits = False
+    if fits:
+        pad = config.pad_token_id if config.pad_token_id is not None else tokenizer.id_of("pad_token")
+        pf.notes.append(f"{role} tokenizer: {size} tokens, pad {pad}")
+    return fits
+
+
+def _render_reward_samples(pf: Preflight, key: str, tokenizer) -> None:
+    """A sample conversation renders through the reward tokenizer with each source's reward system prompt."""
+    from rlhf.core.system_prompts import system_prompt_table, with_system_prompt
+
+    table = system_prompt_table(pf.spec.dataset_config.system_prompts)
+    sample = pf.prompts[0] if pf.prompts else [{"role": "user", "content": "Hello?"}]
+    chat_template = pf.spec.model_configs.reward.tokenizer_config.chat_template
+    seen = set()
+    for entry in pf.spec.dataset_config.ppo_datas:
+        source = parse_source(entry)
+        name = source.reward_meta or source.meta
+        if name in seen or (name is not None and name not in table):
+            continue
+        seen.add(name)
+        messages = with_system_prompt(sample, table[name] if name else None)
+        what = f"[{'REWARD_META' if source.reward_meta else 'META'}]:{name}" if name else "without a system prompt"
+        _render_sample(pf, key, what, tokenizer, messages, True, chat_template)
+
+
+def _same_shape(a, b) -> bool:
+    """Whether two pre-flight tokenizers have the same size and special token ids."""
+    return len(a) == len(b) and all(a.id_of(name) == b.id_of(name) for name in ("pad_token", "eos_token", "bos_token"))
+
+
 # ---------------------------------------------------------------------------------- reward function
 def check_reward_function(pf: Preflight, tokenizer) -> None:
     """``module:function`` imports, takes (prompts, responses), and returns one finite float per response."""
@@ -535,14 +738,19 @@ def check_reward_function(pf: Preflight, tokenizer) -> None:
     except Exception as exc:  # noqa: BLE001 - importing a user's module can raise anything
         pf.problems.append(error(key, f"cannot load {path!r}: {type(exc).__name__}: {exc}; expected 'module:function' importable here"))
         return
-    problem = signature_problem(fn)
+    from rlhf.rewards import accepted_fields, field_lists
+
+    known = {name for row in pf.fields for name in row}
+    problem = signature_problem(fn, known)
     if problem:
-        pf.problems.append(error(key, f"{path}{problem}; expected a function of (prompts, responses), two lists of str"))
+        pf.problems.append(error(key, f"{path}{problem}; expected a function of (prompts, responses), two lists of str, "
+                                      "and optionally record fields by name"))
         return
     prompts = [_prompt_text(tokenizer, m) for m in (pf.prompts[:2] or [[{"role": "user", "content": "Hello?"}]] * 2)]
     prompts = (prompts * 2)[:2]
+    rows = ((pf.fields[:2] or [{}]) * 2)[:2]  # the records of the sample prompts, as the reward role passes them
     try:
-        scores = fn(prompts, list(SAMPLE_RESPONSES))
+        scores = fn(prompts, list(SAMPLE_RESPONSES), **field_lists(accepted_fields(fn), rows))
     except Exception as exc:  # noqa: BLE001 - the user's function can raise anything
         pf.problems.append(error(key, f"{path} raised {type(exc).__name__}: {exc} when called on 2 sample prompts and responses"))
         return
@@ -561,8 +769,9 @@ def _prompt_text(tokenizer, messages: Messages) -> str:
     return tokenizer.decode(tokenizer.encode(messages, None))
 
 
-def signature_problem(fn) -> str | None:
-    """Why ``fn(prompts, responses)`` cannot be called, naming the parameter; None when it can."""
+def signature_problem(fn, fields: set[str] = frozenset()) -> str | None:
+    """Why ``fn(prompts, responses, **record fields)`` cannot be called, naming the parameter; None when it can.
+    A required parameter is fine when it names one of ``fields``, the record fields of the data."""
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):
@@ -573,11 +782,11 @@ def signature_problem(fn) -> str | None:
         names = ", ".join(p.name for p in positional) or "none"
         return f" takes {len(positional)} positional parameter{'s' if len(positional) != 1 else ''} ({names}), not 2"
     for p in positional[2:]:
-        if p.default is p.empty:
-            return f" has a third required parameter {p.name!r}; give it a default"
+        if p.default is p.empty and p.name not in fields:
+            return f" has a third required parameter {p.name!r}, not a field of the prompt records; give it a default"
     for p in params:
-        if p.kind == p.KEYWORD_ONLY and p.default is p.empty:
-            return f" has a required keyword-only parameter {p.name!r}; give it a default"
+        if p.kind == p.KEYWORD_ONLY and p.default is p.empty and p.name not in fields:
+            return f" has a required keyword-only parameter {p.name!r}, not a field of the prompt records; give it a default"
     return None
 
 

@@ -2,7 +2,8 @@
 
 Values reach the script in two ways: ``#SBATCH`` lines, which no shell reads but a newline
 would end, so every value there is checked against a strict pattern (schema or below); and
-shell code, where every value is quoted with ``shlex.quote``. Spec ``slurm.setup`` lines are
+shell code, where every value is quoted with ``shlex.quote`` (the roles' trainer_config.envs too,
+given to ``env`` in front of the worker command). Spec ``slurm.setup`` lines are
 the one exception: they are the user's own shell code, one line each.
 """
 
@@ -21,6 +22,7 @@ from rlhf.core.plan import Plan
 TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "slurm"
 # What Slurm's #SBATCH parser and filename patterns take literally.
 _SBATCH_SAFE_PATH = re.compile(r"^[A-Za-z0-9_./+@:,=-]+$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 STOP_GRACE_SECONDS = 10
 
 
@@ -71,6 +73,10 @@ def render_sbatch(spec: JobSpec, plan: Plan, files: JobFiles) -> str:
     for line in spec.slurm.setup:  # the schema checks this too; a script must never gain lines
         if "\n" in line or "\r" in line:
             raise RenderError("slurm.setup: each item must be a single line")
+    for comp in plan.components:  # the schema checks these too; a name is written unquoted
+        for name in comp.envs:
+            if not _ENV_NAME.match(name):
+                raise RenderError(f"environment variable name {name!r} is not a shell variable name (letters, digits, _)")
     options = sbatch_options(spec)
     for value in [spec.run.name, *options]:  # the schema checks these too; an #SBATCH line must never break
         if re.search(r"\s", value):

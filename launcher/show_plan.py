@@ -46,8 +46,10 @@ def plan_table(plan: Plan, gpu_memory_gb: float, width: int = 132) -> str:
     console = Console(file=out, width=width, color_system=None, highlight=False)
     console.print(table)
     for c in plan.components:
+        uneven = f"{' + '.join(map(str, c.ranks_per_node))} ranks on {c.nodes} nodes"
+        layout = f"{c.nodes} node(s) x {c.gpus_per_node} GPUs" if c.even else uneven
         console.print(
-            f"component {c.index} ({c.name}): {c.nodes} node(s) x {c.gpus_per_node} GPUs, "
+            f"component {c.index} ({c.name}): {layout}, "
             f"ranks {c.first_rank}-{c.first_rank + c.gpus - 1}: {', '.join(c.roles)}"
         )
     return out.getvalue()

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf.metrics import read_metrics
+from rlhf.rollout_log import describe_sample, last_samples, rollouts_path
 
 JOB_FILE = "job.json"
+SAMPLES_SHOWN = 3
 
 
 class SlurmError(RuntimeError):
@@ -176,6 +178,18 @@ def _provenance_lines(run_dir: Path) -> list[str]:
     return lines
 
 
+def _sample_lines(run_dir: Path) -> list[str]:
+    """The last few samples of rollouts.jsonl (rollout_config.write_to_file), one short line each;
+    nothing when the run writes no such file."""
+    try:
+        samples = last_samples(run_dir, SAMPLES_SHOWN)
+    except OSError:
+        return []
+    if not samples:
+        return []
+    return [f"  last samples ({rollouts_path(run_dir)}):", *(f"    {describe_sample(s)}" for s in samples)]
+
+
 def _run_dir_report(run_dir: Path, job_id: str | None) -> list[str]:
     lines = []
     try:
@@ -196,6 +210,7 @@ def _run_dir_report(run_dir: Path, job_id: str | None) -> list[str]:
             )
     except (OSError, ValueError):
         pass
+    lines += _sample_lines(run_dir)
     lines += _provenance_lines(run_dir)
     logs = run_dir / "logs"
     if job_id is None:

@@ -144,7 +144,8 @@ class Distributed:
         return self._sync
 
     def shard(self, role: str, batch: Batch) -> Batch:
-        """This replica's contiguous, equal share of the rows of ``batch``."""
+        """This replica's contiguous share of the rows of ``batch``; shares differ by at most one
+        row, the first ones larger (``shard_bounds``)."""
         index, parts = self.shard_of(role)
         size = next(iter(batch.values())).shape[0]
         start, stop = shard_bounds(size, parts, index)

@@ -1,6 +1,7 @@
 """The optimizer side of a trained model behind one interface, whether it runs in this process
 alone, under torch DDP or under DeepSpeed (ZeRO 0-3): forward through ``module``,
-``backward(loss)`` per micro batch, ``step()`` per minibatch.
+``backward(loss)`` per micro batch, ``step()`` per minibatch. And the inference side of a frozen
+model (``InferenceEngine``): whole on every rank, or sharded over the role's ranks by ZeRO-3.
 
 Losses arrive normalised by the whole minibatch (over every rank and micro batch), so the
 sum of all ranks' gradients is the minibatch gradient; DDP and DeepSpeed average over ranks,
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from rlhf.core.config import JobSpec, ModelConfig, TrainKwargs
+from rlhf.core.plan import micro_steps
 
 
 def lr_factor(step: int, kwargs: TrainKwargs) -> float:
@@ -123,11 +126,14 @@ def deepspeed_config(spec: JobSpec, role: str, model: ModelConfig, micro_bs: int
     checks that given ones agree) and gradient clipping from train_kwargs when not set."""
     config = copy.deepcopy(model.trainer_config.deepspeed_config or {})
     dp = model.trainer_config.parallel.data.size
+    # Every rank runs the micro steps of the largest share (shares of a minibatch may differ by one):
+    # DeepSpeed counts those to its accumulation boundary and wants batch = micro x steps x ranks.
+    steps = micro_steps(minibatch, dp, micro_bs)
     config.setdefault("train_micro_batch_size_per_gpu", micro_bs)
-    config.setdefault("gradient_accumulation_steps", minibatch // (dp * micro_bs))
-    config.setdefault("train_batch_size", minibatch)
+    config.setdefault("gradient_accumulation_steps", steps)
+    config.setdefault("train_batch_size", micro_bs * steps * dp)
     kwargs = model.trainer_config.train_kwargs
-    if kwargs.max_grad_norm is not None:
+    if kwargs is not None and kwargs.max_grad_norm is not None:  # None: a frozen model (inference_deepspeed_config)
         config.setdefault("gradient_clipping", kwargs.max_grad_norm)
     config.setdefault("steps_per_print", 10**9)
     config.setdefault("wall_clock_breakdown", False)
@@ -224,3 +230,83 @@ class DeepSpeedTrainer:
         if self.zero_stage == 3:
             return self.engine._zero3_consolidated_16bit_state_dict()
         return self.inner.state_dict()
+
+
+_HALF_PRECISION = {"bfloat16": "bf16", "float16": "fp16"}
+
+
+def inference_deepspeed_config(spec: JobSpec, role: str) -> dict[str, Any] | None:
+    """The ZeRO-3 DeepSpeed config of a frozen ``role`` (reference, reward) on this rank, or None when
+    its model runs whole: data.mode ddp, or no process group (one process runs every role).
+
+    The batch keys DeepSpeed insists on even without an optimizer come from ``deepspeed_config``, with
+    the role's inference micro batch as the micro batch and one accumulation step. zero.Init casts
+    the weights to the config's precision (fp32 when it names none), so a bf16 or fp16 model gets
+    ``bf16.enabled`` / ``fp16.enabled`` when the config says nothing about precision: the weights stay
+    in the dtype they were given in, as under DDP."""
+    model = spec.model_configs.roles()[role]
+    if model.trainer_config.parallel.data.mode != "deepspeed" or not dist.is_initialized():
+        return None
+    micro = spec.inference_micro_batch(role)
+    config = deepspeed_config(spec, role, model, micro, micro * model.trainer_config.parallel.data.size)
+    half = _HALF_PRECISION.get(model.load_dtype())
+    if half is not None and "bf16" not in config and "fp16" not in config:
+        config[half] = {"enabled": True}
+    return config
+
+
+class InferenceEngine:
+    """A frozen module run by every rank of its role: whole in this process (one process, or DDP, which
+    has nothing to synchronise without gradients), or with ``config`` under DeepSpeed ZeRO-3 without
+    an optimizer, its parameters partitioned over the role's ranks and gathered layer by layer in
+    each forward.
+
+    ZeRO-3 gathers a layer's parameters with a collective in the layer's forward, so every rank of the
+    role must run every forward: ``in_micro_batches`` has a rank with fewer micro batches than
+    another run spare forwards until all are done (``lockstep``), as ``synced_gpus`` does for generate."""
+
+    def __init__(self, module: torch.nn.Module, config: dict[str, Any] | None = None):
+        self.module = module
+        self.engine = None
+        self.lockstep = False
+        if config is None:
+            return
+        stage = config.get("zero_optimization", {}).get("stage")
+        if stage != 3:
+            raise ValueError(f"DeepSpeed inference needs ZeRO stage 3 (found {stage!r}): stages 0-2 shard nothing a frozen model holds")
+        import deepspeed
+
+        # No optimizer: DeepSpeed sets up ZeRO-3's parameter offload alone (gather/release hooks on every module).
+        self.engine, *_ = deepspeed.initialize(model=module, config=config, dist_init_required=False)
+        self.lockstep = dist.get_world_size() > 1  # the default group is the role's ranks (rlhf/dist.py)
+
+    @torch.no_grad()
+    def in_micro_batches(self, fn: Callable[[dict[str, Tensor]], Tensor], batch: dict[str, Tensor], micro_bs: int) -> Tensor:
+        """``fn`` over consecutive ``micro_bs``-row slices of ``batch``, without grad, concatenated along
+        rows; in lockstep, spare forwards (results dropped) until every rank of the role has run as
+        many as the rank with the most rows."""
+        size = next(iter(batch.values())).shape[0]
+        micros = [{k: v[s : s + micro_bs] for k, v in batch.items()} for s in range(0, size, micro_bs)]
+        # Agreed before the first forward: a rank that asked after its own would wait in the all-reduce
+        # while the others wait for it in a gather.
+        spares = self._most_micro_batches(len(micros)) - len(micros)
+        outputs = [fn(micro) for micro in micros]
+        spare = None
+        for _ in range(spares):
+            spare = fn(_filler(batch))
+        if not outputs:  # an empty shard: its result has no rows, and the spare forward gave its shape
+            return spare[:0] if spare is not None else torch.empty(0)
+        return torch.cat(outputs)
+
+    def _most_micro_batches(self, mine: int) -> int:
+        if not self.lockstep:
+            return mine
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        count = torch.tensor([mine], dtype=torch.int64, device=device)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        return int(count.item())  # read back to the host: NCCL's wait() would not block it
+
+
+def _filler(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """One row to run a spare forward on: the batch's first, or zeros of its width when it has none."""
+    return {k: v[:1] if v.shape[0] else torch.zeros((1, *v.shape[1:]), dtype=v.dtype, device=v.device) for k, v in batch.items()}

@@ -10,14 +10,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from rlhf.core.plan import shard_bounds
+
+__all__ = ["shard_bounds", "broadcast_tensor", "gather_from"]
+
 _DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.bool, torch.uint8]
 _MAX_DIMS = 4
-
-
-def shard_bounds(size: int, parts: int, index: int) -> tuple[int, int]:
-    """Rows [start, stop) of shard ``index`` of ``parts`` contiguous shards (the checks make size % parts == 0)."""
-    per = size // parts
-    return index * per, (index + 1) * per
 
 
 def broadcast_tensor(tensor: Tensor | None, src: int, device: torch.device, group, rank: int) -> Tensor:
@@ -50,8 +48,9 @@ def gather_from(
 ) -> dict[str, Tensor]:
     """Concatenate, on every rank, the shards that ``ranks`` computed (in rank order).
 
-    Shards may differ in their second dimension (response lengths): they are right-padded to
-    the widest with ``pad[key]`` (default 0) before concatenation.
+    Shards may differ in their row counts (uneven shards, ``shard_bounds``): every header carries
+    the sender's shape. They may differ in their second dimension (response lengths): they are
+    right-padded to the widest with ``pad[key]`` (default 0) before concatenation.
     """
     pad = pad or {}
     pieces: dict[str, list[Tensor]] = {k: [] for k in keys}

@@ -1,4 +1,4 @@
-"""The repeater: a scored rollout becomes PPO experience (KL-shaped rewards, GAE, whitening).
+"""The repeater: a scored rollout becomes PPO experience (KL term, advantages by the spec's estimator).
 
 Pure tensors in and out; the running reward statistics are passed in and returned, so that the
 caller owns and checkpoints them.
@@ -8,16 +8,56 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from rlhf import ppo
+from rlhf.core.algorithms import estimator as estimator_info
 from rlhf.core.config import JobSpec
 from rlhf.rollout import Batch
 
 
+@dataclass(frozen=True)
+class ExperienceSettings:
+    """The spec keys the repeater reads (rollout_config clip range and n, repeater_config), and nothing else,
+    so that the experience can be built and tested without a whole JobSpec."""
+
+    clip_reward_min: float = -1.5
+    clip_reward_max: float = 1.5
+    norm_rewards: bool = False
+    reward_scale: bool = False
+    kl_coeff: float = 0.02
+    kl_estimator: str = "k1"
+    kl_in: str = "reward"
+    advantage_estimator: str = "gae"
+    gamma: float = 1.0
+    gae_lambda: float = 0.95
+    norm_adv: bool = True
+    group_size: int = 1  # rollout_config.n_samples_per_prompt: the contiguous rows of one prompt
+
+    @classmethod
+    def from_spec(cls, spec: JobSpec) -> ExperienceSettings:
+        """The settings of ``spec``."""
+        rc, ro = spec.repeater_config, spec.rollout_config
+        return cls(
+            clip_reward_min=ro.clip_reward_min, clip_reward_max=ro.clip_reward_max, norm_rewards=rc.norm_rewards,
+            reward_scale=rc.reward_scale, kl_coeff=rc.kl_coeff, kl_estimator=rc.kl_estimator, kl_in=rc.kl_in,
+            advantage_estimator=rc.advantage_estimator, gamma=rc.gamma, gae_lambda=rc.gae_lambda, norm_adv=rc.norm_adv,
+            group_size=ro.n_samples_per_prompt,
+        )
+
+    @property
+    def needs_critic(self) -> bool:
+        """Whether the estimator uses the critic's values (and trains it on the returns): gae only."""
+        return estimator_info(self.advantage_estimator).needs_critic
+
+
 @dataclass
 class RewardMoments:
-    """Running count / mean / sum of squared deviations of the clipped scores (reward_scale)."""
+    """Running count / mean / sum of squared deviations of the clipped scores (reward_scale, norm_rewards).
+
+    One set of statistics serves both options; the loop saves it in every checkpoint (loop.pt) and
+    restores it on resume, so a resumed run scales its scores exactly as the uninterrupted one."""
 
     count: float = 0.0
     mean: float = 0.0
@@ -32,43 +72,74 @@ class RewardMoments:
         """Population standard deviation of the scores so far; 1.0 before there are two."""
         return ppo.running_std(self.count, self.m2)
 
+    def normalize(self, scores: Tensor) -> Tensor:
+        """(scores - mean) / (population std + 1e-8) by these moments (ppo.normalize_by_moments)."""
+        return ppo.normalize_by_moments(scores, self.count, self.mean, self.m2)
+
+
+def shape_scores(settings: ExperienceSettings, scores: Tensor, moments: RewardMoments) -> tuple[Tensor, Tensor]:
+    """The clipped scores [B] and the sequence rewards [B] made of them, before the KL penalty.
+
+    clipped = clamp(score, clip_reward_min, clip_reward_max). With norm_rewards or reward_scale the
+    moments first take in this batch's clipped scores, then (the order of XTuner's repeater, whose
+    statistics include the batch they normalise):
+      norm_rewards:  (clipped - mean) / (std + 1e-8)   (XTuner, xtuner/rlhf/repeaters/base.py)
+      reward_scale:  clipped / std                     (std = 1 before two scores are seen)
+    with mean and std (population) over every clipped score so far. norm_rewards already divides by
+    the std, so with both options on the scores are normalised once, as by norm_rewards alone.
+    """
+    clipped = scores.clamp(settings.clip_reward_min, settings.clip_reward_max)
+    if not (settings.norm_rewards or settings.reward_scale):
+        return clipped, clipped
+    moments.update(clipped)
+    if settings.norm_rewards:
+        return clipped, moments.normalize(clipped)
+    return clipped, clipped / moments.std
+
 
 def make_experience(
-    spec: JobSpec, rollout: Batch, old_logprobs: Tensor, ref_logprobs: Tensor, values: Tensor, scores: Tensor, moments: RewardMoments
+    settings: ExperienceSettings, rollout: Batch, old_logprobs: Tensor, ref_logprobs: Tensor, values: Tensor | None, scores: Tensor,
+    moments: RewardMoments,
 ) -> tuple[Batch, dict[str, float]]:
     """PPO experience and step metrics from a scored rollout.
 
     In: the rollout (prompt_ids, prompt_mask [B, P]; response_ids, response_mask [B, R]; finished [B]);
     its response tokens' log-probs under the actor (``old_logprobs``) and the reference
-    (``ref_logprobs``) and the critic's ``values``, all [B, R]; and the reward ``scores`` [B]. Scores
-    are clipped to [clip_reward_min, clip_reward_max] and, with reward_scale, divided by the running
-    std of ``moments``, which they update. Token rewards are -kl_coeff * (old_logprobs - ref_logprobs)
-    plus the score on each response's last token; GAE turns them into advantages and returns.
+    (``ref_logprobs``) and the critic's ``values`` (None when the estimator needs no critic), all [B, R];
+    and the reward ``scores`` [B]. Scores are clipped and, with norm_rewards or reward_scale, normalised
+    by the running statistics of ``moments``, which they update (shape_scores).
 
-    Out: the experience, the rollout's keys plus old_logprobs, old_values (= values), advantages
-    (whitened over the batch with norm_adv) and returns, each [B, R], the last two 0 off the mask;
-    and the metrics reward_mean and reward_std (raw scores), reward_clipped_mean, kl (mean over
-    sequences of the summed old_logprobs - ref_logprobs), response_len_mean (tokens), truncated_frac
-    (responses without a stop token) and the masked means value_mean, return_mean, advantage_mean.
+    The KL term is KL_t = ppo.kl_estimate(old_logprobs, ref_logprobs, kl_estimator). With kl_in reward the
+    token rewards are -kl_coeff * KL_t; with kl_in loss they are 0 and the experience carries ref_logprobs,
+    from which the actor adds kl_coeff * KL to its loss (rlhf/roles/actor.py). ``ppo.advantages_and_returns``
+    turns the scores and token rewards into advantages (gae whitened over the batch with norm_adv) by the
+    advantage_estimator, groups being the ``group_size`` contiguous rows of one prompt.
+
+    Out: the experience, the rollout's keys plus old_logprobs and advantages [B, R] (0 off the mask), with
+    gae also old_values (= values) and returns [B, R], with kl_in loss ref_logprobs [B, R], and scores (raw)
+    and score_rewards (clipped and normalised), each [B]; and the metrics reward_mean and reward_std (raw
+    scores), reward_clipped_mean, kl (k1: mean over sequences of the summed old_logprobs - ref_logprobs,
+    whatever the estimator), kl_<estimator> for k2 and k3 (the same sum of that estimator), response_len_mean
+    (tokens), truncated_frac (responses without a stop token), advantage_mean and, with gae, value_mean and
+    return_mean (masked means).
     """
-    rc, ro = spec.repeater_config, spec.rollout_config
-    mask = rollout["response_mask"].to(values.dtype)
-    clipped = scores.clamp(ro.clip_reward_min, ro.clip_reward_max)
-    shaped = clipped
-    if rc.reward_scale:
-        moments.update(clipped)
-        shaped = clipped / moments.std
-    rewards = ppo.add_score_at_last_token(ppo.kl_penalty(old_logprobs, ref_logprobs, mask, rc.kl_coeff), shaped, mask)
-    advantages, returns = ppo.compute_gae(rewards, values, mask, rc.gamma, rc.gae_lambda)
-    if rc.norm_adv:
-        advantages = ppo.masked_whiten(advantages, mask)
-    experience = {
-        **rollout,
-        "old_logprobs": old_logprobs,
-        "old_values": values,
-        "advantages": advantages,
-        "returns": returns,
-    }
+    if settings.needs_critic and values is None:
+        raise ValueError(f"advantage_estimator {settings.advantage_estimator} needs the critic's values")
+    mask = rollout["response_mask"].to(old_logprobs.dtype)
+    clipped, shaped = shape_scores(settings, scores, moments)
+    kl = ppo.kl_estimate(old_logprobs, ref_logprobs, mask, settings.kl_estimator)
+    # With kl_in loss the KL acts through the actor's gradient instead: none of it in the rewards.
+    kl_rewards = -settings.kl_coeff * kl if settings.kl_in == "reward" else torch.zeros_like(kl)
+    advantages, returns = ppo.advantages_and_returns(
+        settings.advantage_estimator, shaped.to(old_logprobs.dtype), kl_rewards, mask,
+        values=values if settings.needs_critic else None, group_size=settings.group_size,
+        gamma=settings.gamma, lam=settings.gae_lambda, whiten=settings.norm_adv,
+    )
+    experience = {**rollout, "old_logprobs": old_logprobs, "advantages": advantages, "scores": scores, "score_rewards": shaped}
+    if returns is not None:
+        experience.update(old_values=values, returns=returns)
+    if settings.kl_in == "loss":
+        experience["ref_logprobs"] = ref_logprobs
     seq_kl = ppo.masked_sum(old_logprobs - ref_logprobs, mask, dim=1)
     lengths = mask.sum(1)
     metrics = {
@@ -78,8 +149,11 @@ def make_experience(
         "kl": float(seq_kl.mean()),
         "response_len_mean": float(lengths.mean()),
         "truncated_frac": 1.0 - float(rollout["finished"].float().mean()),
-        "value_mean": float(ppo.masked_mean(values, mask)),
-        "return_mean": float(ppo.masked_mean(returns, mask)),
         "advantage_mean": float(ppo.masked_mean(advantages, mask)),
     }
+    if settings.kl_estimator != "k1":
+        metrics[f"kl_{settings.kl_estimator}"] = float(ppo.masked_sum(kl, mask, dim=1).mean())
+    if returns is not None:
+        metrics["value_mean"] = float(ppo.masked_mean(values, mask))
+        metrics["return_mean"] = float(ppo.masked_mean(returns, mask))
     return experience, metrics

@@ -26,12 +26,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from rlhf import ppo
 from rlhf.checkpoint import checkpoint_step, request_requeue, resolve_resume, save_checkpoint, supersede_later
 from rlhf.cluster import SingleProcess
 from rlhf.core.config import JobSpec
-from rlhf.data import PromptMix, load_tokenizer, render_prompts
+from rlhf.core.model_tokenizers import policy_tokenizer_config, tokenizer_key
+from rlhf.data import PretrainMix, PromptMix, load_tokenizer, render_prompts
 from rlhf.exchange import shard_bounds
-from rlhf.experience import RewardMoments, make_experience
+from rlhf.experience import ExperienceSettings, RewardMoments, make_experience
 from rlhf.metrics import MetricsLogger, StepPrinter
 from rlhf.models import quiet_transformers
 from rlhf.preemption import PreemptionNotice
@@ -42,10 +44,11 @@ from rlhf.roles.generator import HFGeneratorRole
 from rlhf.roles.reference import ReferenceRole
 from rlhf.roles.reward import RewardRole
 from rlhf.rollout import Batch, SamplingSettings
+from rlhf.rollout_log import RolloutLog
 from rlhf.timing import Timer
 from rlhf.weight_sync import send_weights
 
-ROLLOUT_KEYS = ["prompt_ids", "prompt_mask", "response_ids", "response_mask", "finished"]
+ROLLOUT_KEYS = ["prompt_ids", "prompt_mask", "response_ids", "response_mask", "finished", "prompt_index"]
 # Timer sections reported as <name>_time_s; forward/backward/optimizer are timed inside the trainers.
 TIMED_SECTIONS = ("step", "generate", "score", "train", "weight_sync", "forward", "backward", "optimizer")
 
@@ -110,10 +113,13 @@ class PPOLoop:
         torch.manual_seed(spec.run.seed)
         self.timer = Timer(torch.cuda.synchronize if self.device.type == "cuda" else None)
         c = self.cluster
-        self.tokenizer = load_tokenizer(spec.tokenizer_config, spec.model_configs.actor.model_path)
+        self.tokenizer = load_tokenizer(policy_tokenizer_config(spec), spec.model_configs.actor.model_path, tokenizer_key(spec, "actor"))
         self.sampling = SamplingSettings.from_spec(spec, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
         self.separate_generator = not spec.model_configs.actor.generator_config.shared_with_trainer
         self.prompts = PromptMix(spec.dataset_config) if c.runs("generator") else None
+        # PPO-ptx: every actor rank draws the step's whole pretraining batch (cheap) and takes its shares of it.
+        ptx = spec.train_config.pretrain_loss_weight > 0 and spec.pretrain_dataset_config is not None
+        self.pretrain = PretrainMix(spec.pretrain_dataset_config, self.tokenizer) if ptx and c.runs("actor") else None
         self.actor = ActorRole(spec, self.device, self.sampling, self.timer, c) if c.runs("actor") else None
         self.generator: Generator | None
         if self.separate_generator:
@@ -124,6 +130,9 @@ class PPOLoop:
         self.critic = CriticRole(spec, self.device, self.tokenizer.pad_token_id, self.timer, c) if c.runs("critic") else None
         self.reward = RewardRole(spec, self.device, self.tokenizer) if c.runs("reward") else None
         self.moments = RewardMoments()
+        self.experience_settings = ExperienceSettings.from_spec(spec)
+        # Set by run() on global rank 0 when rollout_config.write_to_file asks for the samples as text.
+        self.rollout_log: RolloutLog | None = None
         self.step = 0
         # Models and libraries leave ~10^5 long-lived objects; freezing them keeps the garbage
         # collector's full passes from scanning them on every step.
@@ -139,46 +148,110 @@ class PPOLoop:
         seed = spec.run.seed
         torch.manual_seed(step_seed(seed, step, Stream.STEP))
         with timer("step"):
-            with timer("generate"):
-                rollout = self._rollout(step)
+            scores = None
+            if spec.rollout_config.dynamic_sampling:  # rounds of generate and score, each timed in its section
+                rollout, scores, sampling_metrics = self._dynamic_rollout(step)
+            else:
+                with timer("generate"):
+                    rollout = self._rollout(step)
+                sampling_metrics = {"gen_tokens": int(rollout["response_mask"].sum())}
             with timer("score"):
                 old_logprobs = self._ask("actor", "old_logprobs", self.actor.logprobs if self.actor else None, rollout)
                 ref_logprobs = self._ask("reference", "ref_logprobs", self.reference.logprobs if self.reference else None, rollout)
-                values = self._ask("critic", "values", self.critic.values if self.critic else None, rollout)
-                scores = self._ask("reward", "scores", self.reward.scores if self.reward else None, rollout)
-            experience, metrics = make_experience(spec, rollout, old_logprobs, ref_logprobs, values, scores, self.moments)
+                # An estimator without a critic neither asks nor trains it (the plan may still hold the role).
+                uses_critic = self.experience_settings.needs_critic
+                values = self._ask("critic", "values", self.critic.values if self.critic else None, rollout) if uses_critic else None
+                if scores is None:  # dynamic sampling scored its rounds already
+                    scores = self._ask("reward", "scores", self.reward.scores if self.reward else None, rollout)
+            experience, metrics = make_experience(self.experience_settings, rollout, old_logprobs, ref_logprobs, values, scores,
+                                                  self.moments)
+            if self.rollout_log is not None:
+                self.rollout_log.write(step, experience)
             actor_trains = step > spec.train_config.pretrain_step
             with timer("train"):
-                critic_stats = self.critic.train(experience, step_seed(seed, step, Stream.CRITIC_ORDER)) if self.critic else None
+                critic_trains = self.critic is not None and uses_critic
+                critic_stats = self.critic.train(experience, step_seed(seed, step, Stream.CRITIC_ORDER)) if critic_trains else None
+                ptx = self.pretrain.batch(step - 1) if self.pretrain is not None and actor_trains else None
                 actor_stats = (
-                    self.actor.train(experience, step_seed(seed, step, Stream.ACTOR_ORDER)) if self.actor and actor_trains else None
+                    self.actor.train(experience, step_seed(seed, step, Stream.ACTOR_ORDER), ptx) if self.actor and actor_trains else None
                 )
             with timer("weight_sync"):
                 if self.separate_generator and actor_trains:
                     self._sync_weights()
-            metrics.update(c.share(critic_stats, "critic"))
+            if uses_critic:
+                metrics.update(c.share(critic_stats, "critic"))
             if actor_trains:
                 metrics.update(c.share(actor_stats, "actor"))
         self.step = step
         sections = timer.pop()
         metrics.update({f"{name}_time_s": sections.get(name, 0.0) for name in TIMED_SECTIONS})
-        metrics["gen_tokens_per_s"] = int(rollout["response_mask"].sum()) / max(sections["generate"], 1e-9)
+        metrics["gen_tokens_per_s"] = sampling_metrics.pop("gen_tokens") / max(sections["generate"], 1e-9)
+        metrics.update(sampling_metrics)
         return metrics
 
-    def _rollout(self, step: int) -> Batch:
-        """Step ``step``'s prompts and sampled responses, whole, on every process."""
+    def _dynamic_rollout(self, step: int) -> tuple[Batch, Tensor, dict[str, float]]:
+        """DAPO's dynamic sampling (Yu et al. 2025, arXiv:2503.14476): rounds of generate + reward until the
+        batch holds num_samples_each_epoch informative groups (``ppo.informative_groups`` of the clipped scores,
+        the scores the advantages see) or dynamic_sampling_max_draws rounds are done; ``select_groups`` picks
+        the batch. Round 0 draws the step's usual prompts, round r >= 1 ``PromptMix.extra_indices(step, r)``,
+        and its rows are seeded as global rows r x rollout size + row: all a pure function of (seed, step).
+
+        Every process has each round's whole rollout and scores (gathered), so all make the same choices and
+        run the same rounds. Returns the batch, its scores and the metrics filtered_frac (share of the groups
+        generated that were dropped), sampling_rounds and dynamic_topped_up (dropped groups put back to fill
+        the batch), with gen_tokens (every round's response tokens)."""
+        spec, timer = self.spec, self.timer
+        ro = spec.rollout_config
+        n, wanted = ro.n_samples_per_prompt, spec.dataset_config.num_samples_each_epoch
+        rounds: list[tuple[Batch, Tensor]] = []
+        flags: list[list[bool]] = []
+        for round_ in range(ro.dynamic_sampling_max_draws):
+            with timer("generate"):
+                rollout = self._rollout(step, round_)
+            with timer("score"):
+                scores = self._ask("reward", "scores", self.reward.scores if self.reward else None, rollout)
+            rounds.append((rollout, scores))
+            flags.append(ppo.informative_groups(scores.clamp(ro.clip_reward_min, ro.clip_reward_max), n).tolist())
+            if sum(map(sum, flags)) >= wanted:
+                break
+        chosen, topped_up = select_groups(flags, wanted)
+        rows = [(r, g * n + i) for r, g in chosen for i in range(n)]
+        batch = concat_rows([rollout for rollout, _ in rounds], rows, self.sampling.pad_id)
+        scores = torch.stack([rounds[r][1][row] for r, row in rows])
+        generated = sum(len(f) for f in flags)
+        return batch, scores, {
+            "filtered_frac": 1.0 - sum(map(sum, flags)) / generated,
+            "sampling_rounds": float(len(rounds)),
+            "dynamic_topped_up": float(topped_up),
+            "gen_tokens": sum(int(rollout["response_mask"].sum()) for rollout, _ in rounds),
+        }
+
+    def _rollout(self, step: int, round_: int = 0) -> Batch:
+        """Step ``step``'s prompts and sampled responses, whole, on every process; with dynamic sampling,
+        those of its round ``round_`` (``_dynamic_rollout``)."""
         spec, c = self.spec, self.cluster
         local = None
         if c.runs("generator"):  # every rank of an engine takes part; its replica leader reports
-            messages = self.prompts.batch(step - 1)
-            encoded = render_prompts(self.tokenizer, messages, spec.dataset_config.max_seq_len, spec.tokenizer_config.chat_template)
+            # n_samples_per_prompt: each drawn prompt as n contiguous rows, one group; every row is seeded by its own
+            # global row (below), so the n responses differ and do not depend on how the rows are sharded.
+            n = spec.rollout_config.n_samples_per_prompt
+            drawn = (self.prompts.indices(step - 1) if round_ == 0
+                     else self.prompts.extra_indices(step - 1, round_, spec.rollout_config.dynamic_sampling_max_draws))
+            picks = [pick for pick in drawn for _ in range(n)]
+            messages = [self.prompts.policy_prompt(source, index) for source, index in picks]
+            # The tokenizer carries the policy's chat_template override (load_tokenizer).
+            encoded = render_prompts(self.tokenizer, messages, spec.dataset_config.max_seq_len)
             index, parts = c.shard_of("generator")
             start, stop = shard_bounds(len(messages), parts, index)
             prompts = {
                 "prompt_ids": encoded["input_ids"][start:stop].to(self.device),
                 "prompt_mask": encoded["attention_mask"][start:stop].to(self.device),
             }
-            local = self.generator.generate(prompts, start, lambda row: step_seed(spec.run.seed, step, Stream.SAMPLING, row))
+            # A further round's rows are seeded past the first round's, so that its responses are new draws.
+            first = round_ * len(messages) + start
+            local = self.generator.generate(prompts, first, lambda row: step_seed(spec.run.seed, step, Stream.SAMPLING, row))
+            # (source, record) of each row: a role that needs the prompt's messages rebuilds them from its own copy of the data.
+            local["prompt_index"] = torch.tensor(picks[start:stop], dtype=torch.long, device=self.device).view(-1, 2)
             local = local if c.is_replica_leader("generator") else None
         return c.gather("generator", local, ROLLOUT_KEYS, pad={"response_ids": self.sampling.pad_id})
 
@@ -250,6 +323,37 @@ class PPOLoop:
         return final
 
 
+def select_groups(informative: list[list[bool]], wanted: int) -> tuple[list[tuple[int, int]], int]:
+    """The (round, group) pairs of a dynamic-sampling batch of ``wanted`` groups, and how many of them were
+    dropped ones, from each round's ``informative`` flags per group.
+
+    The informative groups in the order they were generated (round, then group), the first ``wanted`` of them;
+    when there are fewer, the batch is topped up with dropped groups in the same order (deterministic, and the
+    earliest: a resumed run picks the same)."""
+    order = [(r, g) for r, flags in enumerate(informative) for g in range(len(flags))]
+    kept = [(r, g) for r, g in order if informative[r][g]][:wanted]
+    topped_up = [(r, g) for r, g in order if not informative[r][g]][: wanted - len(kept)]
+    return kept + topped_up, len(topped_up)
+
+
+def concat_rows(batches: list[Batch], rows: list[tuple[int, int]], pad_id: int) -> Batch:
+    """The rows ``(batch index, row)`` of rollouts of different widths as one rollout: prompts left-padded and
+    responses right-padded (pad_id, mask 0) to the widest; positions follow the masks, so no row's numbers change."""
+    prompt_width = max(b["prompt_ids"].shape[1] for b in batches)
+    response_width = max(b["response_ids"].shape[1] for b in batches)
+    padded = []
+    for b in batches:
+        left, right = prompt_width - b["prompt_ids"].shape[1], response_width - b["response_ids"].shape[1]
+        padded.append({
+            **b,
+            "prompt_ids": torch.nn.functional.pad(b["prompt_ids"], (left, 0), value=pad_id),
+            "prompt_mask": torch.nn.functional.pad(b["prompt_mask"], (left, 0), value=0),
+            "response_ids": torch.nn.functional.pad(b["response_ids"], (0, right), value=pad_id),
+            "response_mask": torch.nn.functional.pad(b["response_mask"], (0, right), value=0),
+        })
+    return {key: torch.stack([padded[i][key][row] for i, row in rows]) for key in padded[0]}
+
+
 def make_generator(spec: JobSpec, device: torch.device, sampling: SamplingSettings):
     """The engine of a separate generator group."""
     if spec.model_configs.actor.generator_config.generator_type == "vllm":
@@ -261,12 +365,15 @@ def make_generator(spec: JobSpec, device: torch.device, sampling: SamplingSettin
 
 class Reporter:
     """What global rank 0 writes as the run goes: status.json, metrics.jsonl and TensorBoard,
-    and the progress line. Other ranks get ``Reporter(None, ...)``, which writes nothing."""
+    the progress line, and with a ``tokenizer`` (rollout_config.write_to_file) rollouts.jsonl, whose
+    log ``rollouts`` the loop writes each step's samples to. Other ranks get ``Reporter(None, ...)``,
+    which writes nothing."""
 
-    def __init__(self, run_dir: Path | None, total: int, start_step: int, quiet: bool):
+    def __init__(self, run_dir: Path | None, total: int, start_step: int, quiet: bool, tokenizer=None):
         self.run_dir, self.total = run_dir, total
         self.printer = StepPrinter(total, start_step=start_step) if run_dir is not None and not quiet else None
         self.logger = MetricsLogger(run_dir, resume_step=start_step) if run_dir is not None else None
+        self.rollouts = RolloutLog(run_dir, tokenizer, resume_step=start_step) if run_dir is not None and tokenizer is not None else None
         self.history: list[dict] = []
 
     def status(self, state: str, step: int, **extra) -> None:
@@ -282,8 +389,8 @@ class Reporter:
             self.printer.update(step, metrics)
 
     def close(self) -> None:
-        """Flush and close the metrics file, TensorBoard and the progress line."""
-        for sink in (self.printer, self.logger):
+        """Flush and close the metrics file, TensorBoard, the rollouts file and the progress line."""
+        for sink in (self.printer, self.logger, self.rollouts):
             if sink is not None:
                 sink.close()
 
@@ -349,7 +456,9 @@ def run(
                 for path in supersede_later(run_dir, loop.step):
                     print(f"rlhf: resuming from step {loop.step}; set aside the later checkpoint {path.name}", file=sys.stderr)
         total = spec.train_config.max_train_step
-        report = Reporter(run_dir if leader else None, total, loop.step, quiet)
+        report = Reporter(run_dir if leader else None, total, loop.step, quiet,
+                          tokenizer=loop.tokenizer if spec.rollout_config.write_to_file else None)
+        loop.rollout_log = report.rollouts
         try:
             report.status("running", loop.step)
             while loop.step < total:

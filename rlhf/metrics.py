@@ -10,6 +10,22 @@ back to its lines with step <= k, so that its file ends up equal to an uninterru
 TensorBoard gets the same scalars under ``<run_dir>/tensorboard/``; on resume its writer
 purges the events after step k the same way.
 
+The KL statistics, by what they estimate (x = log-prob ratio of the sampled token, summed over a response):
+  kl             k1 estimate of KL(pi_old || pi_ref): mean over responses of sum_t x (old actor vs reference),
+                 whatever repeater_config.kl_estimator is
+  kl_k2, kl_k3   the same sum with the spec's kl_estimator when it is k2 or k3 (the KL the reward or loss uses)
+  actor_kl_loss  with kl_in loss: the KL term of the actor's loss before kl_coeff (new policy vs reference, by
+                 kl_estimator, aggregated like the policy loss)
+  actor_approx_kl  k2 estimate of KL(pi_old || pi_new), masked mean of (logp_new - logp_old)^2 / 2 per token: how
+                 far one PPO update moved the policy (not the KL to the reference)
+Without a critic (advantage_estimator other than gae) there is no value_loss, value_mean, return_mean or critic_*.
+
+With rollout_config.dynamic_sampling (DAPO): filtered_frac is the share of the groups generated over the step's
+rounds whose n rewards were all equal (dropped), sampling_rounds the generate rounds the step took, and
+dynamic_topped_up the dropped groups put back when max_draws rounds did not fill the batch; gen_tokens_per_s
+counts every round's tokens. With train_config.pretrain_loss_weight > 0 (PPO-ptx): actor_ptx_loss is the mean
+token negative log-likelihood of the pretraining text before the weight, averaged over the optimizer steps.
+
 Importing this module imports neither torch nor rich: the launcher (``rlhf-launch plot``)
 reads metrics on login nodes. Only one process (rank 0) should log.
 """
@@ -146,6 +162,17 @@ def _step_at_most(raw: bytes, limit: int) -> bool:
     return isinstance(step, int) and not isinstance(step, bool) and step <= limit
 
 
+def cut_back(path: Path, resume_step: int | None) -> None:
+    """Cut a JSON-lines file of step records back to whole lines (and to step <= resume_step
+    when resuming), atomically; a missing file is left missing. Shared by every per-step log."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    kept = _kept_lines(data, resume_step)
+    if kept != data:
+        _write_atomically(path, kept)
+
+
 # --------------------------------------------------------------------------- logger
 class MetricsLogger:
     """Append one record per PPO step to metrics.jsonl (and TensorBoard).
@@ -169,12 +196,7 @@ class MetricsLogger:
 
     def _repair(self, resume_step: int | None) -> None:
         """Cut the file back to whole lines (and to step <= resume_step when resuming)."""
-        if not self.path.exists():
-            return
-        data = self.path.read_bytes()
-        kept = _kept_lines(data, resume_step)
-        if kept != data:
-            _write_atomically(self.path, kept)
+        cut_back(self.path, resume_step)
 
     def _tensorboard_writer(self, resume_step: int | None):
         # Imported here: torch must not load when the launcher only reads metrics.

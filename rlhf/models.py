@@ -14,6 +14,8 @@ import torch
 from torch import Tensor
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
 
+from rlhf.core.config import JobSpec
+from rlhf.engine import InferenceEngine, inference_deepspeed_config
 from rlhf.value_head import install_value_head
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
@@ -116,9 +118,50 @@ def load_value_model(
         raise ValueError(f"{path}: {type(model).__name__} has no 'score' head; expected a decoder sequence-classification model")
     with _whole(model.score) if is_partitioned(model) else contextlib.nullcontext():
         install_value_head(model, path, list(info["missing_keys"]), head_name, role)
-    if role == "reward":
+    if role == "reward" and not is_partitioned(model):  # load_frozen makes a partitioned one whole in fp32
         model.score.float()  # a frozen head: fp32 costs nothing and keeps the score's digits (head_scores)
     return _prepare(model, device)
+
+
+def load_frozen(spec: JobSpec, role: str, device: torch.device, pad_token_id: int | None = None) -> tuple[PreTrainedModel, InferenceEngine]:
+    """The reference's causal LM or the reward's sequence-classification model (``pad_token_id``),
+    frozen, and the ``InferenceEngine`` to run its forwards with.
+
+    With data.mode deepspeed over several processes (``inference_deepspeed_config``) the model is
+    loaded partitioned over the role's ranks (``partitioned_loading``: no rank ever holds all of it)
+    and run under ZeRO-3; each rank keeps its shard plus the layer being computed. The reward's
+    value head is found under any name before that (``load_value_model``), then kept whole and in
+    fp32 outside DeepSpeed (``_unpartitioned_head``), as without it."""
+    cfg = spec.model_configs.roles()[role]
+    config = inference_deepspeed_config(spec, role)
+    if role == "reference":
+        model = load_causal_lm(cfg.model_path, cfg.torch_dtype, device, config, cfg.attn_implementation).requires_grad_(False)
+        return model, InferenceEngine(model, config)
+    model = load_value_model(cfg.model_path, cfg.torch_dtype, device, pad_token_id, role, cfg.head_name, config,
+                             cfg.attn_implementation).requires_grad_(False)
+    if config is None:
+        return model, InferenceEngine(model)
+    head = _unpartitioned_head(model.score)
+    # DeepSpeed runs the base model; sequence_scores calls it, so ZeRO-3 sees the start of every forward.
+    engine = InferenceEngine(model.base_model, config)
+    model.score = head  # after DeepSpeed has wrapped the model: it would partition the head again
+    return model, engine
+
+
+def _unpartitioned_head(score: torch.nn.Module) -> torch.nn.Linear:
+    """A partitioned one-output head as an ordinary fp32 Linear, the same on every rank (gathered: a collective)."""
+    import deepspeed
+
+    params = list(score.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        weight = score.weight.detach().float()
+        bias = score.bias.detach().float() if getattr(score, "bias", None) is not None else None
+        head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=torch.float32)
+        with torch.no_grad():
+            head.weight.copy_(weight)
+            if bias is not None:
+                head.bias.copy_(bias)
+    return head.requires_grad_(False)
 
 
 def _whole(module: torch.nn.Module):

@@ -133,12 +133,16 @@ def compute_gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam
 
 
 def aggregate_loss(
-    token_losses: Tensor, mask: Tensor, loss_type: str, num_seqs=None, num_tokens=None
+    token_losses: Tensor, mask: Tensor, loss_type: str, num_seqs=None, num_tokens=None, max_len=None
 ) -> Tensor:
     """Reduce [B,T] token losses to a scalar.
 
-    per_token: sum_{b,t} l m / num_tokens            (num_tokens defaults to sum m)
-    per_seq:   sum_b [sum_t l m / max(sum_t m, 1)] / num_seqs  (num_seqs defaults to B)
+    per_token:   sum_{b,t} l m / num_tokens                       (num_tokens defaults to sum m)
+    per_seq:     sum_b [sum_t l m / max(sum_t m, 1)] / num_seqs    (num_seqs defaults to B)
+    per_seq_sum: sum_b [sum_t l m / max_len] / num_seqs            (max_len: the constant max_new_tokens)
+
+    per_seq_sum is Dr. GRPO's aggregation (Liu et al. 2025, arXiv:2503.20783): dividing by a constant
+    instead of each response's length removes the bias towards long wrong and short right answers.
 
     The defaults normalise by this batch only. When a minibatch is split into micro
     batches (and across data-parallel ranks), pass the *minibatch* num_tokens /
@@ -152,7 +156,12 @@ def aggregate_loss(
     if loss_type == "per_seq":
         denom = token_losses.shape[0] if num_seqs is None else num_seqs
         return masked_mean(token_losses, mask, dim=1).sum() / denom
-    raise ValueError(f"unknown loss_type {loss_type!r}; expected 'per_token' or 'per_seq'")
+    if loss_type == "per_seq_sum":
+        if max_len is None:
+            raise ValueError("per_seq_sum needs max_len (max_new_tokens)")
+        denom = token_losses.shape[0] if num_seqs is None else num_seqs
+        return masked_sum(token_losses, mask) / max_len / denom
+    raise ValueError(f"unknown loss_type {loss_type!r}; expected 'per_token', 'per_seq' or 'per_seq_sum'")
 
 
 def policy_loss(
@@ -164,11 +173,14 @@ def policy_loss(
     loss_type="per_token",
     num_seqs=None,
     num_tokens=None,
+    clip_eps_high=None,
+    max_len=None,
 ):
     """PPO clipped surrogate.
 
     ratio = exp(logp - old_logp)
-    l_t   = max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)), aggregated by aggregate_loss.
+    l_t   = max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps_high)), aggregated by aggregate_loss;
+            eps_high defaults to eps (a larger one is DAPO's clip-higher, Yu et al. 2025, arXiv:2503.14476).
     stats: clipfrac = masked mean of [-A clip(ratio) > -A ratio] (clipped branch active),
            approx_kl = masked mean of 0.5 (logp - old_logp)^2.
     l_t is the negated L^CLIP of Schulman et al. 2017, "Proximal Policy Optimization Algorithms"
@@ -179,8 +191,9 @@ def policy_loss(
     log_ratio = torch.where(mask.bool(), logprobs - old_logprobs, torch.zeros_like(logprobs))
     ratio = log_ratio.exp()
     unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps)
-    loss = aggregate_loss(torch.maximum(unclipped, clipped), mask, loss_type, num_seqs, num_tokens)
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    clipped = -advantages * ratio.clamp(1 - clip_eps, 1 + high)
+    loss = aggregate_loss(torch.maximum(unclipped, clipped), mask, loss_type, num_seqs, num_tokens, max_len)
     stats = {
         "clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), mask).detach(),
         "approx_kl": masked_mean(0.5 * log_ratio.detach() ** 2, mask),
@@ -197,6 +210,7 @@ def value_loss(
     loss_type="per_token",
     num_seqs=None,
     num_tokens=None,
+    max_len=None,
 ):
     """Clipped value loss.
 
@@ -211,7 +225,7 @@ def value_loss(
     unclipped = (values - returns) ** 2
     clipped = (v_clipped - returns) ** 2
     loss = aggregate_loss(
-        0.5 * torch.maximum(unclipped, clipped), mask, loss_type, num_seqs, num_tokens
+        0.5 * torch.maximum(unclipped, clipped), mask, loss_type, num_seqs, num_tokens, max_len
     )
     stats = {"clipfrac": masked_mean((clipped > unclipped).to(values.dtype), mask).detach()}
     return loss, stats
@@ -241,3 +255,193 @@ def running_std(count, m2) -> float:
     """Population std sqrt(M2 / count) of the moments of update_running_moments (Chan et al. 1979);
     1.0 while count < 2 (no scaling yet)."""
     return math.sqrt(m2 / count) if count >= 2 else 1.0
+
+
+def normalize_by_moments(x: Tensor, count, mean, m2, eps: float = 1e-8) -> Tensor:
+    """(x - mean) / (sqrt(M2 / count) + eps): x standardised by running moments that already include x.
+
+    sqrt(M2 / count) is the population std of update_running_moments (Chan et al. 1979). eps is added to
+    the std, not the variance, as in XTuner's RLHF repeater (``RunningStates``, xtuner/rlhf/repeaters/base.py,
+    itself after stable-baselines3's RunningMeanStd), so constant scores give 0 rather than a division by 0.
+    The moments must count at least one value (x's own), else there is nothing to normalise by.
+    """
+    if count <= 0:
+        raise ValueError(f"normalize_by_moments needs moments of at least one value, got count {count}")
+    return (x - mean) / (math.sqrt(m2 / count) + eps)
+
+
+# --------------------------------------------------------------------------- KL estimators
+def _k1(log_ratio: Tensor) -> Tensor:
+    return log_ratio
+
+
+def _k2(log_ratio: Tensor) -> Tensor:
+    return 0.5 * log_ratio**2
+
+
+def _k3(log_ratio: Tensor) -> Tensor:
+    # exp(-x) - 1 + x with x = log(pi / pi_ref); expm1 keeps it accurate (and >= 0) near x = 0.
+    return torch.expm1(-log_ratio) + log_ratio
+
+
+KL_ESTIMATORS = {"k1": _k1, "k2": _k2, "k3": _k3}
+
+
+def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, estimator: str = "k1") -> Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from the sampled token, 0 off the mask; x = log pi(a_t) - log pi_ref(a_t):
+
+    k1 = x                      unbiased, can be negative
+    k2 = x^2 / 2                biased, always >= 0, low variance
+    k3 = exp(-x) - 1 + x        unbiased and always >= 0 (the estimator GRPO puts in its loss)
+
+    Schulman 2020, "Approximating KL Divergence" (blog note); k3 in the loss is DeepSeekMath's GRPO (Shao et al.
+    2024, arXiv:2402.03300, eq. 4).
+    """
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"unknown kl_estimator {estimator!r}; expected one of {sorted(KL_ESTIMATORS)}")
+    log_ratio = torch.where(mask.bool(), logprobs - ref_logprobs, torch.zeros_like(logprobs))
+    kl = KL_ESTIMATORS[estimator](log_ratio)
+    return torch.where(mask.bool(), kl, torch.zeros_like(kl))
+
+
+# --------------------------------------------------------------------------- critic-free estimators
+def _groups(scores: Tensor, group_size: int) -> Tensor:
+    if group_size < 1 or scores.shape[0] % group_size:
+        raise ValueError(f"{scores.shape[0]} scores do not form groups of {group_size}")
+    return scores.reshape(-1, group_size)
+
+
+def _grpo(groups: Tensor) -> Tensor:
+    return (groups - groups.mean(1, keepdim=True)) / (groups.std(1, unbiased=True, keepdim=True) + 1e-6)
+
+
+def _mean_baseline(groups: Tensor) -> Tensor:
+    return groups - groups.mean(1, keepdim=True)
+
+
+def _leave_one_out(groups: Tensor) -> Tensor:
+    n = groups.shape[1]
+    return groups - (groups.sum(1, keepdim=True) - groups) / (n - 1)
+
+
+GROUP_BASELINES = {"grpo": _grpo, "dr_grpo": _mean_baseline, "rloo": _leave_one_out, "reinforce_pp_baseline": _mean_baseline}
+
+
+def group_advantages(scores: Tensor, group_size: int, estimator: str) -> Tensor:
+    """Sequence-level advantages [B] from scores [B]; rows i*n .. i*n+n-1 are the n samples of prompt i.
+
+    grpo:                  (r - mean_g) / (std_g + 1e-6), std_g unbiased   Shao et al. 2024, DeepSeekMath (arXiv:2402.03300)
+    dr_grpo:               r - mean_g                                       Liu et al. 2025, "Understanding R1-Zero-Like
+                                                                            Training" (arXiv:2503.20783)
+    rloo:                  r - (sum_g - r) / (n - 1)                        Ahmadian et al. 2024, "Back to Basics"
+                                                                            (arXiv:2402.14740)
+    reinforce_pp_baseline: r - mean_g (whitened later over tokens)          Hu 2025, REINFORCE++ (arXiv:2501.03262)
+
+    grpo and rloo need n >= 2 (the spec check says so).
+    """
+    if estimator not in GROUP_BASELINES:
+        raise ValueError(f"unknown group estimator {estimator!r}; expected one of {sorted(GROUP_BASELINES)}")
+    if estimator in ("grpo", "rloo") and group_size < 2:
+        raise ValueError(f"{estimator} needs at least 2 samples per prompt, got {group_size}")
+    return GROUP_BASELINES[estimator](_groups(scores, group_size)).reshape(-1)
+
+
+def informative_groups(scores: Tensor, group_size: int) -> Tensor:
+    """bool [G]: groups whose n scores are not all equal. A group of equal scores has zero advantage under
+    every group baseline and gives no gradient; DAPO's dynamic sampling drops it (Yu et al. 2025, arXiv:2503.14476)."""
+    groups = _groups(scores, group_size)
+    return (groups != groups[:, :1]).any(dim=1)
+
+
+@torch.no_grad()
+def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
+    """G_t = r_t + gamma * G_{t+1} over response tokens (G := 0 after the last one), 0 off the mask: the
+    Monte-Carlo return of REINFORCE (Williams 1992) as REINFORCE++ uses it per token (Hu 2025, arXiv:2501.03262)."""
+    m = mask.to(rewards.dtype)
+    out = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = (rewards[:, t] + gamma * running) * m[:, t]
+        out[:, t] = running
+    return out
+
+
+def _gae_estimator(scores, kl_rewards, mask, values, group_size, gamma, lam, whiten):
+    if values is None:
+        raise ValueError("gae needs the critic's values")
+    advantages, returns = compute_gae(add_score_at_last_token(kl_rewards, scores, mask), values, mask, gamma, lam)
+    return (masked_whiten(advantages, mask) if whiten else advantages), returns
+
+
+def _reinforce_pp(scores, kl_rewards, mask, values, group_size, gamma, lam, whiten):
+    returns = discounted_returns(add_score_at_last_token(kl_rewards, scores, mask), mask, gamma)
+    return masked_whiten(returns, mask), None
+
+
+def _reinforce_pp_baseline(scores, kl_rewards, mask, values, group_size, gamma, lam, whiten):
+    return _reinforce_pp(group_advantages(scores, group_size, "reinforce_pp_baseline"), kl_rewards, mask, values,
+                         group_size, gamma, lam, whiten)
+
+
+def _group_estimator(name: str):
+    def estimate(scores, kl_rewards, mask, values, group_size, gamma, lam, whiten):
+        totals = scores.to(kl_rewards.dtype) + masked_sum(kl_rewards, mask, dim=1)
+        per_seq = group_advantages(totals, group_size, name)
+        return torch.where(mask.bool(), per_seq[:, None].expand(mask.shape), torch.zeros_like(kl_rewards)), None
+    return estimate
+
+
+# repeater_config.advantage_estimator -> its function; only gae trains a critic (rlhf/core/algorithms.py says so
+# to the torch-free planner, and a test keeps the two tables in step).
+ADVANTAGE_ESTIMATORS = {
+    "gae": _gae_estimator,
+    "grpo": _group_estimator("grpo"),
+    "dr_grpo": _group_estimator("dr_grpo"),
+    "rloo": _group_estimator("rloo"),
+    "reinforce_pp": _reinforce_pp,
+    "reinforce_pp_baseline": _reinforce_pp_baseline,
+}
+
+
+@torch.no_grad()
+def advantages_and_returns(estimator: str, scores: Tensor, kl_rewards: Tensor, mask: Tensor, *, values: Tensor | None = None,
+                           group_size: int = 1, gamma: float = 1.0, lam: float = 0.95, whiten: bool = True):
+    """Per-token advantages [B, T], and the critic's targets for gae (else None), by the estimator named
+    ``estimator``. ``scores`` [B] are the sequence scores; ``kl_rewards`` [B, T] the per-token KL penalty (zeros
+    when the KL term sits in the loss instead). Token rewards are r_t = kl_rewards_t plus the score at the last
+    response token (add_score_at_last_token).
+
+    gae:                   GAE over r_t with the critic's values (compute_gae), whitened over the batch when
+                           ``whiten`` (repeater_config.norm_adv).
+    reinforce_pp:          masked_whiten(G), G_t = discounted_returns(r, gamma): no critic, no group (Hu 2025,
+                           REINFORCE++, arXiv:2501.03262).
+    reinforce_pp_baseline: the same with each score first replaced by score - mean of its group.
+    grpo, dr_grpo, rloo:   group_advantages of each sequence's reward sum_t r_t, the same on every token.
+    """
+    if estimator not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"unknown advantage_estimator {estimator!r}; expected one of {sorted(ADVANTAGE_ESTIMATORS)}")
+    return ADVANTAGE_ESTIMATORS[estimator](scores, kl_rewards, mask, values, group_size, gamma, lam, whiten)
+
+
+# --------------------------------------------------------------------------- PPO-ptx
+def lm_loss(logits: Tensor, input_ids: Tensor, attention_mask: Tensor, num_tokens: int) -> Tensor:
+    """The pretraining (language-model) loss of PPO-ptx over a micro batch, as its part of a larger batch:
+
+        L_ptx = -(1 / num_tokens) * sum_i sum_{t >= 1, mask_i,t = 1} log pi(x_i,t | x_i,<t)
+
+    ``logits`` [B, T-1, V] predict tokens 1..T-1 of ``input_ids`` [B, T] (right-padded, ``attention_mask`` 1 on real
+    tokens; the first token of a sequence is never predicted). ``num_tokens`` is the count of predicted tokens of
+    the whole batch the micro batch belongs to, so that micro batches and ranks add up to its mean token NLL.
+
+    InstructGPT's PPO-ptx objective (Ouyang et al. 2022, arXiv:2203.02155, eq. 2) adds gamma * E_{x ~ D_pretrain}
+    [log pi(x)] to the RL objective; minimising weight * L_ptx is that term with gamma = weight, per token.
+    """
+    targets = input_ids[:, 1:]
+    mask = attention_mask[:, 1:].to(logits.dtype)
+    token_logprobs = logprobs_from_logits(logits, targets)
+    return -(token_logprobs * mask).sum() / max(num_tokens, 1)
+
+
+def predicted_tokens(attention_mask: Tensor) -> int:
+    """Tokens ``lm_loss`` predicts in a right-padded batch: every real token but each sequence's first."""
+    return int(attention_mask[:, 1:].sum())

@@ -6,6 +6,9 @@ processes unchanged:
   response_ids [B, R]    right-padded responses   response_mask [B, R]  1 up to and including the
                                                                         first stop token
   finished [B]           whether the response ended with a stop token
+  prompt_index [B, 2]    (source, record) of the prompt in dataset_config.ppo_datas (added by the
+                         PPO loop): a role that needs the prompt's messages (a reward model with a
+                         tokenizer or system prompt of its own) rebuilds them from its copy of the data
 A response that reaches max_new_tokens without a stop token keeps all its tokens in the mask:
 it is scored like any other and its last token is treated as terminal (no bootstrapped value).
 """

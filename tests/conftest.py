@@ -28,3 +28,11 @@ def smollm2_dir() -> Path:
     from rlhf.demo import smollm2
 
     return smollm2.build(ROOT / "build" / "smollm2")
+
+
+@pytest.fixture(scope="session")
+def other_reward_model(tmp_path_factory) -> Path:
+    """A tiny reward model whose tokenizer (vocabulary, special tokens, chat template) differs from the tiny actor's."""
+    from tests.factory import build_other_reward_model
+
+    return build_other_reward_model(tmp_path_factory.mktemp("other_reward"))

@@ -279,3 +279,88 @@ def _rank_main(fn: Callable[..., Any], rank: int, world_size: int, port: int, ti
     except BaseException:  # noqa: BLE001 - any failure is reported to the parent with its traceback
         (out / f"{rank}.err").write_text(f"rank {rank}:\n{traceback.format_exc()}")
         os._exit(1)
+
+
+# --------------------------------------------------------------------------- a reward model with its own tokenizer
+OTHER_SPECIAL_TOKENS = ["[PAD]", "[BOS]", "[EOS]", "[SYSTEM]", "[USER]", "[BOT]"]
+# Another layout than the tiny actor's template: role tags in brackets, the eos after every turn.
+OTHER_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '[' + {'system': 'SYSTEM', 'user': 'USER', 'assistant': 'BOT'}[message['role']] + '] ' + message['content'] + eos_token }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '[BOT] ' }}{% endif %}"
+)
+
+
+def build_other_reward_model(directory: Path, vocab_size: int = 384, seed: int = 7) -> Path:
+    """A tiny reward model whose tokenizer differs from the tiny actor's (build/tiny): a byte-level BPE of
+    ``vocab_size`` tokens with other special tokens and another chat template, and a randomly initialised
+    sequence classifier of that vocabulary. Offline, deterministic, well under a second."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaForSequenceClassification, PreTrainedTokenizerFast
+
+    from rlhf.demo import tiny_models
+
+    corpus = [m["content"] for messages in tiny_models.load_prompt_messages() for m in messages]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(corpus, trainer=trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=OTHER_SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    ))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]",
+        extra_special_tokens=OTHER_SPECIAL_TOKENS[3:], padding_side="left", chat_template=OTHER_CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+    )
+    config = tiny_models.llama_config(tokenizer, num_labels=1)
+    model = tiny_models.init_model(LlamaForSequenceClassification, config, seed)
+    tiny_models.save_with_tokenizer(model, tokenizer, directory)
+    return directory
+
+
+# --------------------------------------------------------------------------- exactness of a feature's runs
+TIMING_SUFFIXES = ("_time_s", "gen_tokens_per_s")
+
+
+def without_timing(rows: list[dict]) -> list[dict]:
+    """Metrics rows without the wall-clock figures, which differ between any two runs."""
+    return [{k: v for k, v in row.items() if not k.endswith(TIMING_SUFFIXES)} for row in rows]
+
+
+def check_resume_and_ranks(tmp_path: Path, single: Mapping[str, Any], keys: tuple[str, ...], steps: int = 3) -> list[dict]:
+    """The two exactness properties of the tiny spec with overrides ``single`` (which must checkpoint every step):
+    a run stopped after ``steps - 1`` steps and resumed equals the uninterrupted ``steps``-step run (timings aside),
+    and the same spec with two actor ranks, each in a process of its own (``--local --processes``), matches the
+    first ``steps - 1`` steps to 1e-5 on ``keys``. Returns the uninterrupted run's metrics."""
+    import subprocess
+    import sys
+
+    import pytest
+
+    from rlhf.core import yaml_io
+    from rlhf.loop import run_local
+    from rlhf.metrics import read_metrics
+
+    full = {**single, "train_config.max_train_step": steps}
+    run_local(make_spec(full), tmp_path / "straight", quiet=True)
+    straight = read_metrics(tmp_path / "straight")
+    assert len(straight) == steps
+    run_local(make_spec({**full, "train_config.max_train_step": steps - 1}), tmp_path / "resumed", quiet=True)
+    run_local(make_spec(full), tmp_path / "resumed", resume="auto", quiet=True)
+    assert without_timing(read_metrics(tmp_path / "resumed")) == without_timing(straight)
+
+    ranks = {**full, **layout(actor=2), "train_config.max_train_step": steps - 1}
+    spec_file = tmp_path / "ranks.yaml"
+    spec_file.write_text(yaml_io.dump(spec_dict(ranks, run_dir=tmp_path / "ranks")))
+    proc = subprocess.run([sys.executable, "-m", "launcher.cli", str(spec_file), "--local", "--processes"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = read_metrics(tmp_path / "ranks")
+    assert len(got) == steps - 1
+    for a, b in zip(got, straight, strict=False):
+        for key in keys:
+            assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
+    return straight

@@ -110,3 +110,20 @@ def test_local_run_of_a_vllm_generator_needs_vllm_installed():
     assert "generator_type is 'vllm' but vLLM is not installed here" in problem and "generator_type: hf" in problem
     spec.model_configs.actor.generator_config.generator_type = "hf"
     assert local_gaps(spec, find_module=lambda name: None) is None
+
+
+def test_status_shows_the_last_samples_of_a_run_that_writes_them(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "status.json").write_text(json.dumps({"state": "running", "step": 2, "max_train_step": 9}))
+    assert main(["status", str(run_dir)]) == 0
+    assert "last samples" not in capsys.readouterr().out
+    samples = [{"step": step, "row": row, "prompt": f"user: question {step}.{row}", "response": "answer " * 50,
+                "score": 0.5 * row, "reward": -0.25, "response_len": 50} for step in (1, 2) for row in range(3)]
+    (run_dir / "rollouts.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    assert main(["status", str(run_dir)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    start = out.index(f"  last samples ({run_dir / 'rollouts.jsonl'}):")
+    shown = out[start + 1 : start + 4]
+    assert [line.split("  score")[0].strip() for line in shown] == ["step 2 row 0", "step 2 row 1", "step 2 row 2"]
+    assert all('"user: question 2.' in line and len(line) <= 130 for line in shown)

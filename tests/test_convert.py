@@ -10,7 +10,9 @@ import yaml
 from launcher.cli import main
 from launcher.convert import ConvertError, convert_file, to_yaml
 from launcher.spec import validate
+from rlhf.core.problems import SpecError
 from tests.conftest import ROOT
+from tests.factory import validated
 
 SEED = ROOT / "tests" / "fixtures" / "xtuner" / "internlm2_1_8b.py"
 
@@ -71,11 +73,11 @@ def test_cli_reports_errors_with_status_2(tmp_path, capsys):
 
 
 def test_invalid_converted_config_shows_every_problem(tmp_path, capsys):
-    text = SEED.read_text().replace("kl_coeff=0.02", "kl_coef=0.02") + "\nprompt_dataset_config = dict(x=1)\n"
+    text = SEED.read_text().replace("kl_coeff=0.02", "kl_coef=0.02") + "\nrollout_cfg = dict(x=1)\n"
     assert main(["convert", str(write(tmp_path, text))]) == 2
     err = capsys.readouterr().err
     assert "repeater_config.kl_coef: unknown key (did you mean 'kl_coeff'?)" in err
-    assert "prompt_dataset_config: unknown key" in err
+    assert "rollout_cfg: unknown key" in err
 
 
 def test_trainer_level_dtype_stays_and_wins(tmp_path):
@@ -103,8 +105,10 @@ def test_memory_and_precision_keys_convert_validate_and_plan():
     assert not any("use_flash_attn" in m or "use_flash_attn" in m["trainer_config"] for m in models.values())
     assert models["critic"]["head_name"] == "v_head" and "head_name" not in models["critic"]["trainer_config"]
     # XTuner reads use_flash_attn in trainer_config only: the model-level one is dropped with a note.
-    assert notes == ["model_configs.actor.use_flash_attn (false) is ignored, as XTuner ignores it; "
-                     "trainer_config.use_flash_attn (true) is used"]
+    assert notes[0] == ("model_configs.actor.use_flash_attn (false) is ignored, as XTuner ignores it; "
+                        "trainer_config.use_flash_attn (true) is used")
+    assert [note.split(":")[0] for note in notes[1:]] == [
+        "repeater_config.norm_adv", "dataset_config.max_seq_len", "train_config.max_train_step"]
 
     loaded = validate(data, "memory", MEMORY.parent)
     spec = loaded.spec.model_configs
@@ -139,3 +143,231 @@ def test_help_warns_that_converting_executes(capsys):
     with pytest.raises(SystemExit):
         main(["convert", "--help"])
     assert "EXECUTES" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- both formats, every key
+GEN1 = ROOT / "tests" / "fixtures" / "xtuner" / "gen1_every_key.py"
+LATER = ROOT / "tests" / "fixtures" / "xtuner" / "later_every_key.py"
+_OFF = "which is not supported yet"
+_PTX = "PPO-ptx (a pretraining loss mixed into the policy update)"
+_DS = "model_configs.actor.trainer_config.deepspeed_config"
+
+GEN1_NOTES = [
+    "the config imports internlm_rlhf_models, which is not installed here: it is stubbed, so its names can only be passed on "
+    "(as model_class, which XTuner ignores, or as a loss object convert understands)",
+    f"dataset_config.pt_datas (a list) dropped: this value turns off {_PTX}, {_OFF}",
+    f"dataset_config.pt_data_samples (0) dropped: this value turns off {_PTX}, {_OFF}",
+    "train_config.step_interval (1) dropped: XTuner accepts it and never uses it",
+    "train_config.pt_minibatch (null) dropped: XTuner accepts it and never uses it",
+    "model_configs.actor.model_class (internlm_rlhf_models.modeling.InternLM2ForCausalLM) dropped: XTuner replaces it by its own "
+    "model class",
+    "model_configs.critic.model_class (internlm_rlhf_models.modeling.InternLM2ForRewardModel) dropped: XTuner replaces it by its own "
+    "model class",
+    "model_configs.actor.generator_config.generate_kwargs (a mapping) dropped: XTuner never reads it: sampling comes only from "
+    "rollout_config.generate_kwargs",
+    "rollout_config.async_reward (true) dropped: reward scoring runs one role after another for now; overlapping it with the rollout "
+    "is a planned pipeline feature (the scores are the same)",
+    "dataset_config.sample_strategy ('in_batch') dropped: each step draws every prompt's source at random by the normalised weights "
+    "(no per-source quota)",
+    "repeater_config.reward_scale: XTuner stores it and never reads it (its run did not scale the rewards); the converted run divides "
+    "them by their running standard deviation, as the spec's key does",
+    "repeater_config.fine_grained_rm (true) dropped: XTuner stores it and never reads it",
+    "repeater_config.norm_adv: XTuner's gen-1 code discards it and never whitens advantages; the converted run whitens them as "
+    "written (set false for XTuner's behaviour)",
+    "repeater_config.kl_coeff (-0.01) written as 0: XTuner clamps a negative coefficient to 0",
+    "repeater_config.answer_end_id (92543): XTuner never acts on it; the converted run stops a response at this token",
+    "dataset_config.max_seq_len: XTuner skips prompts longer than this (and those of 4 tokens or fewer); the converted run keeps "
+    "the last max_seq_len tokens of a longer prompt",
+    "dataset_config.ppo_datas: 'Anthropic/hh-rlhf/harmless-base::0' dropped: XTuner drops a source of probability 0 or less",
+    "model_configs.actor.trainer_config.train_kwargs.lr_decay_rate (0.5): XTuner never reads it (its learning rate stays constant); "
+    "the converted run decays the learning rate linearly over total_steps",
+    "model_configs.actor.trainer_config.train_kwargs.loss_type (per_token): XTuner never reads it (its loss is per_seq); the "
+    "converted run averages over all tokens",
+    "train_config.max_train_step: XTuner runs until it is stopped; the converted run stops after 1000 steps (the spec's default): "
+    "set max_train_step",
+    f"{_DS}.bf16.enable (true) rewritten as bf16.enabled: DeepSpeed reads only 'enabled', so XTuner's own run had ignored this setting",
+    f"{_DS}: gradient_accumulation_steps 8, train_batch_size 128 dropped: they disagree with the batch sizes, from which they are "
+    "derived (gradient_accumulation_steps 16, train_batch_size 64)",
+]
+
+
+def test_gen1_config_converts_every_key_with_one_note_each():
+    notes: list[str] = []
+    data = convert_file(GEN1, notes)
+    assert notes == GEN1_NOTES
+    # XTuner's defaults, written out where the spec's differ
+    assert data["rollout_config"]["write_to_file"] is True and data["repeater_config"]["norm_rewards"] is True
+    assert (data["rollout_config"]["clip_reward_min"], data["rollout_config"]["clip_reward_max"]) == (-5, 5)
+    assert data["train_config"]["critic_micro_bs"] == 2 and data["train_config"]["value_clip"] == 0.5
+    assert (data["dataset_config"]["max_seq_len"], data["dataset_config"]["random_seed"]) == (4096, 110)
+    assert data["model_configs"]["critic"]["trainer_config"]["train_kwargs"] == {"lr": 5e-6}
+    # what the user wrote stays
+    assert data["repeater_config"]["norm_adv"] is True and data["repeater_config"]["reward_scale"] is True
+    assert "fine_grained_rm" not in data["repeater_config"] and "model_class" not in data["model_configs"]["actor"]
+    ds = data["model_configs"]["actor"]["trainer_config"]["deepspeed_config"]
+    assert ds == {"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}, "train_micro_batch_size_per_gpu": 2}
+    assert data["tokenizer_config"]["from_pretrained_kwargs"] == {"use_fast": False}
+    assert data["dataset_config"]["ppo_datas"] == ["Anthropic/hh-rlhf/helpful-base::1.0[META]:helpful"]
+
+
+def test_gen1_config_validates_and_plans():
+    loaded = validated(convert_file(GEN1), GEN1.parent)
+    assert loaded.spec.repeater_config.norm_rewards and loaded.spec.rollout_config.write_to_file
+    assert loaded.spec.model_configs.actor.trainer_config.deepspeed_config["bf16"] == {"enabled": True}
+    assert loaded.plan.role("actor").memory is not None
+
+
+LATER_NOTES = [
+    "the config imports xtuner, which is not installed here: it is stubbed, so its names can only be passed on "
+    "(as model_class, which XTuner ignores, or as a loss object convert understands)",
+    "train_config.max_train_step: XTuner counts steps from 0 and runs while step <= 9, which is 10 steps; written as 10",
+    f"pretrain_dataset_config (a mapping) dropped: this value turns off {_PTX}, {_OFF}",
+    f"train_config.pretrain_loss_weight (0) dropped: this value turns off {_PTX}, {_OFF}",
+    f"train_config.pretrain_criterion (PretrainLoss(label_smoothing=0)) dropped: this value turns off {_PTX}, {_OFF}",
+    f"repeater_config.grpo_k (1) dropped: this value turns off group-relative advantages (several samples per prompt), {_OFF}",
+    f"repeater_config.use_loo (false) dropped: this value turns off leave-one-out (RLOO) advantages, {_OFF}",
+    f"rollout_config.repeat_prompt (1) dropped: this value turns off several responses per prompt, {_OFF}",
+    f"train_config.ppo_loss_weight (1.0) dropped: this value turns off a PPO loss weight other than 1, {_OFF}",
+    "train_config.resume_step (-1) dropped: this value turns off restarting at a step number (rlhf-launch resumes a run from its "
+    f"own checkpoints: --resume), {_OFF}",
+    "rollout_config.resume_step (-1) dropped: this value turns off restarting at a step number (rlhf-launch resumes a run from its "
+    f"own checkpoints: --resume), {_OFF}",
+    "train_config.policy_criterion (PPOPolicyLoss(cliprange=0.25)) converted to train_config.policy_clip",
+    "train_config.critic_criterion (CriticLoss(cliprange_value=0.5)) converted to train_config.value_clip",
+    "train_config.async_learn (true) dropped: it only lets XTuner train the critic while the policy trains; the losses are the same",
+    "rollout_config.async_reward (false) dropped: reward scoring runs one role after another for now; overlapping it with the "
+    "rollout is a planned pipeline feature (the scores are the same)",
+    "model_configs.actor.model_config.use_cache (false) dropped: the KV cache is always used for generation and never in training",
+    "model_configs.actor.trainer_config.exclude_keys (a list) dropped: rlhf-launch saves and syncs every parameter; it has no such setting",
+    "dataset_config.sample_strategy ('in_batch') dropped: each step draws every prompt's source at random by the normalised weights "
+    "(no per-source quota)",
+    "repeater_config.norm_rewards: false crashes XTuner (a NameError); the converted run does what it means: no normalisation "
+    "of the rewards",
+    "dataset_config.max_seq_len: XTuner skips prompts longer than this (and those of 4 tokens or fewer); the converted run keeps "
+    "the last max_seq_len tokens of a longer prompt",
+    f"{_DS}.bf16.enable (false) rewritten as bf16.enabled: DeepSpeed reads only 'enabled', so XTuner's own run had ignored this setting",
+]
+
+
+def test_later_config_converts_to_the_spec_keys_with_one_note_each():
+    notes: list[str] = []
+    data = convert_file(LATER, notes)
+    assert notes == LATER_NOTES
+    assert list(data["model_configs"]) == ["actor", "reference", "critic", "reward"]
+    actor = data["model_configs"]["actor"]
+    assert actor["model_type"] == "actor" and actor["attn_implementation"] == "eager" and "model_config" not in actor
+    assert actor["trainer_config"]["parallel"]["sequence"] is False and "exclude_keys" not in actor["trainer_config"]
+    assert data["rollout_config"]["actor_micro_bs"] == 16 and data["repeater_config"]["actor_micro_bs"] == 8
+    assert (data["rollout_config"]["clip_reward_min"], data["rollout_config"]["clip_reward_max"]) == (-3, 3)
+    assert "clip_reward_min" not in data["repeater_config"]
+    train = data["train_config"]
+    assert (train["actor_micro_bs"], train["pretrain_step"], train["max_train_step"]) == (2, 3, 10)
+    assert (train["ppo_minibatch"], train["value_minibatch"]) == (64, 32)  # policy_minibatch defaults to the whole batch
+    assert (train["policy_clip"], train["value_clip"]) == (0.25, 0.5)
+    assert data["repeater_config"]["norm_rewards"] is False and data["rollout_config"]["write_to_file"] is False
+    assert (data["repeater_config"]["kl_coeff"], data["repeater_config"]["gae_lambda"]) == (0.01, 0.99)
+    assert data["dataset_config"] == {
+        "num_samples_each_epoch": 64,
+        "max_seq_len": 1024,
+        "random_seed": 1024,
+        "ppo_datas": [
+            "Anthropic/hh-rlhf/helpful-base::0.5[META]:helpful[REWARD_META]:helpful",
+            "Anthropic/hh-rlhf/harmless-base::0.5[REWARD_META]:harmless",
+            "Anthropic/hh-rlhf/red-team-attempts::0.25[META]:hhh[REWARD_META]:hhh",  # XTuner's reward falls back to SYS_PROMPT
+        ],
+    }
+    assert "pretrain_dataset_config" not in data and "prompt_dataset_config" not in data
+
+
+def test_later_config_validates_and_plans():
+    loaded = validated(convert_file(LATER), LATER.parent)
+    spec = loaded.spec
+    assert spec.train_config.max_train_step == 10 and spec.train_config.policy_clip == 0.25
+    assert spec.model_configs.actor.attn_implementation == "eager"
+    assert spec.model_configs.actor.trainer_config.envs == {"TOKENIZERS_PARALLELISM": "false"}
+    assert loaded.plan.role("critic").memory is not None
+
+
+def test_cli_converts_the_later_format_and_prints_its_notes(capsys):
+    assert main(["convert", str(LATER)]) == 0
+    captured = capsys.readouterr()
+    assert yaml.safe_load(captured.out)["train_config"]["max_train_step"] == 10
+    assert "rlhf-launch convert: note: train_config.max_train_step: XTuner counts steps from 0" in captured.err
+
+
+@pytest.mark.parametrize(
+    "old, new, message",
+    [
+        ("PRETRAIN_BATCH_SIZE = 0", "PRETRAIN_BATCH_SIZE = 32",
+         f"pretrain_dataset_config: {_PTX} is not supported yet (found a mapping); remove it"),
+        ("grpo_k=1,", "grpo_k=4,", "repeater_config.grpo_k: group-relative advantages (several samples per prompt) is not supported yet"),
+        ("use_loo=False,", "use_loo=True,", "repeater_config.use_loo: leave-one-out (RLOO) advantages is not supported yet"),
+        ("use_loo=False,", "sum_kl=True,", "repeater_config.sum_kl: a KL penalty summed over the response is not supported yet"),
+        ("use_loo=False,", "kl_reward_penalty=0.1,", "repeater_config.kl_reward_penalty: a KL penalty on the sequence reward"),
+        ("use_loo=False,", "non_eos_penalty=-1,", "repeater_config.non_eos_penalty: a penalty for responses without end-of-sequence"),
+        ("RESUME_STEP = -1", "RESUME_STEP = 40", "train_config.resume_step: restarting at a step number (rlhf-launch resumes a run "
+         "from its own checkpoints: --resume) is not supported yet (found 40); remove it"),
+        ("sequence=dict(size=1),\n", "sequence=dict(size=2),\n",
+         "model_configs.actor.trainer_config.parallel.sequence.size: sequence parallelism is not supported yet (found 2); use size 1"),
+        ("CriticLoss(cliprange_value=0.5)", "CriticLoss(cliprange_value=0.5, loss_type='per_token')",
+         "train_config.critic_criterion: CriticLoss(loss_type='per_token') is not supported yet; remove loss_type"),
+        ("critic_minibatch=PROMPT_BATCH_SIZE // 2,", "critic_minibatch=8, value_minibatch=16,",
+         "train_config.critic_minibatch (8) and train_config.value_minibatch (16) are the same setting; keep one"),
+    ],
+)
+def test_later_features_not_built_yet_are_refused_by_name(tmp_path, old, new, message):
+    text = LATER.read_text()
+    assert old in text
+    with pytest.raises(ConvertError) as info:
+        convert_file(write(tmp_path, text.replace(old, new, 1)))
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_stubbing_leaves_sys_modules_as_it_was():
+    before = set(sys.modules)
+    convert_file(LATER)
+    convert_file(GEN1)
+    stubbed = [name for name in set(sys.modules) - before if name.startswith(("xtuner", "internlm_rlhf_models"))]
+    assert stubbed == [] and "xtuner.rlhf.loss" not in sys.modules
+
+
+def test_a_failing_assert_in_the_config_is_reported(tmp_path):
+    text = LATER.read_text().replace("PROMPT_BATCH_SIZE = 64", "PROMPT_BATCH_SIZE = 63")
+    with pytest.raises(ConvertError, match="an assert in the config failed"):
+        convert_file(write(tmp_path, text))
+
+
+def test_a_stubbed_value_where_the_spec_needs_data_is_refused(tmp_path):
+    text = LATER.read_text().replace('max_len=1024,', 'max_len=CriticLoss.max_len,')
+    with pytest.raises(ConvertError, match="dataset_config.max_seq_len: found xtuner.rlhf.loss.CriticLoss.max_len from a stubbed import"):
+        convert_file(write(tmp_path, text))
+
+
+def test_hand_written_spec_keeps_the_deepspeed_enable_error():
+    data = convert_file(GEN1)
+    data["model_configs"]["actor"]["trainer_config"]["deepspeed_config"]["bf16"] = {"enable": True}
+    with pytest.raises(SpecError, match="bf16.enable"):
+        validated(data, GEN1.parent)
+
+
+def test_agreeing_deepspeed_batch_keys_stay(tmp_path):
+    text = GEN1.read_text().replace('"gradient_accumulation_steps": 8,', '"gradient_accumulation_steps": 16,')
+    text = text.replace('"train_batch_size": 128,', '"train_batch_size": 64,')
+    notes: list[str] = []
+    ds = convert_file(write(tmp_path, text), notes)["model_configs"]["actor"]["trainer_config"]["deepspeed_config"]
+    assert (ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (16, 64)
+    assert not any("dropped: they disagree" in note for note in notes)
+
+
+def test_gen1_minibatch_default_above_the_batch_is_noted(tmp_path):
+    text = GEN1.read_text().replace("    ppo_minibatch=BATCH,\n", "")
+    notes: list[str] = []
+    assert convert_file(write(tmp_path, text), notes)["train_config"]["ppo_minibatch"] == 512
+    assert "train_config.ppo_minibatch: not set; XTuner's default, 512, is written (with a rollout batch of 64, XTuner's run made " \
+           "no update of that model at all): set it" in notes
+
+
+def test_xtuner_norm_rewards_false_is_kept_and_true_by_default():
+    assert convert_file(LATER)["repeater_config"]["norm_rewards"] is False
+    assert convert_file(SEED)["repeater_config"]["norm_rewards"] is True

@@ -11,12 +11,20 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed as dist
 
 from launcher.local import start_ranks
 from launcher.spec import load_spec
+from rlhf import ppo
+from rlhf.core.config import TrainKwargs
+from rlhf.engine import TorchTrainer
 from rlhf.loop import run_local
 from rlhf.metrics import read_metrics
+from rlhf.roles.common import minibatch_order, train_minibatches
+from rlhf.timing import Timer
 from tests.conftest import ROOT
+from tests.factory import run_on_ranks
 
 TINY = ROOT / "specs" / "tiny_cpu.yaml"
 # Clip fractions are left out: they count ties (new value == old value exactly, as in the first
@@ -54,10 +62,8 @@ def launch(tmp_path, sets, name="run", resume=False, check=True):
     return subprocess.run([*args, "--resume"] if resume else args, capture_output=True, text=True, timeout=600, cwd=ROOT)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_distributed_run_matches_one_process(tiny_models, tmp_path, layout):
-    sets = BASE + LAYOUTS[layout]
+def _matches_one_process(tmp_path, sets: list[str]) -> None:
+    """The tiny spec with ``sets`` run over its ranks (one process each) equals one process to 1e-5, step by step."""
     proc = launch(tmp_path, sets)
     assert proc.returncode == 0, proc.stderr[-3000:]
     distributed = read_metrics(tmp_path / "run")
@@ -66,6 +72,12 @@ def test_distributed_run_matches_one_process(tiny_models, tmp_path, layout):
     for a, b in zip(distributed, single, strict=True):
         for key in COMPARED:
             assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_distributed_run_matches_one_process(tiny_models, tmp_path, layout):
+    _matches_one_process(tmp_path, BASE + LAYOUTS[layout])
     assert (tmp_path / "run" / "final" / "actor" / "model.safetensors").exists()
     assert (tmp_path / "run" / "checkpoints" / "step-00000003" / "COMPLETE").exists()
 
@@ -232,3 +244,97 @@ def test_preemption_notice_checkpoints_and_resume_finishes(tiny_models, tmp_path
     done = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, status["step"] + 3))
+
+
+# --------------------------------------------------------------------------- uneven shares of a minibatch
+UNEVEN_ROWS, UNEVEN_WIDTH, UNEVEN_DIM = 10, 4, 3  # two minibatches of 5: shares of 3 and 2 rows on 2 ranks
+
+
+def _uneven_experience() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(7)
+    mask = (torch.rand(UNEVEN_ROWS, UNEVEN_WIDTH, generator=gen) > 0.3).long()
+    mask[:, 0] = 1  # every sequence has a token
+    return {
+        "x": torch.randn(UNEVEN_ROWS, UNEVEN_WIDTH, UNEVEN_DIM, generator=gen),
+        "target": torch.randn(UNEVEN_ROWS, UNEVEN_WIDTH, generator=gen),
+        "response_mask": mask,
+    }
+
+
+def _uneven_model() -> torch.nn.Module:
+    torch.manual_seed(3)
+    return torch.nn.Linear(UNEVEN_DIM, 1)
+
+
+def _squared_error_loss(model, loss_type: str):
+    def loss_fn(micro, num_seqs, num_tokens):
+        token_losses = (model(micro["x"]).squeeze(-1) - micro["target"]) ** 2
+        return ppo.aggregate_loss(token_losses, micro["response_mask"], loss_type, num_seqs, num_tokens), {"rows": torch.tensor(1.0)}
+    return loss_fn
+
+
+def _train_uneven(rank: int, world: int, store, loss_type: str, micro_bs: int) -> dict:
+    """DDP over ``world`` ranks of a 5-row minibatch: shares of 3 and 2 rows."""
+    dist.init_process_group("gloo", store=dist.PrefixStore("ddp", store), rank=rank, world_size=world)
+    module = _uneven_model()
+    trainer = TorchTrainer(module, TrainKwargs(lr=0.1), group=dist.group.WORLD, device=torch.device("cpu"))
+    stats = train_minibatches(trainer, _uneven_experience(), _squared_error_loss(trainer.module, loss_type), 5, micro_bs, 2, 11,
+                              Timer(), shard=(rank, world), group=dist.group.WORLD)
+    # The group is left to the process's exit (run_on_ranks ends ranks with os._exit). Destroying it here would
+    # leave DDP's reducer the last owner, and its destructor joins gloo's thread while holding the GIL, which
+    # that thread may need to release a finished collective's tensors: a deadlock seen in about 1 run in 3.
+    return {"params": [p.detach().clone() for p in module.parameters()], "stats": stats}
+
+
+def _plain_loop(loss_type: str) -> list[torch.Tensor]:
+    """The same epochs in one process: one backward of the whole minibatch's loss, written out by hand."""
+    module = _uneven_model()
+    trainer = TorchTrainer(module, TrainKwargs(lr=0.1))
+    experience = _uneven_experience()
+    for order in minibatch_order(UNEVEN_ROWS, 2, 11):
+        for start in range(0, UNEVEN_ROWS, 5):
+            rows = order[start : start + 5]
+            errors = (module(experience["x"][rows]).squeeze(-1) - experience["target"][rows]) ** 2
+            mask = experience["response_mask"][rows].float()
+            if loss_type == "per_token":
+                loss = (errors * mask).sum() / mask.sum()
+            else:
+                loss = sum((errors[i] * mask[i]).sum() / mask[i].sum() for i in range(len(rows))) / len(rows)
+            loss.backward()
+            trainer.step()
+    return [p.detach() for p in module.parameters()]
+
+
+@pytest.mark.parametrize("loss_type", ["per_token", "per_seq"])
+def test_uneven_shares_of_a_minibatch_train_like_one_process(loss_type):
+    """Shares of 3 and 2 rows in micro batches of 1: the second rank runs a third, zero-weighted micro
+    step, so that DDP's all-reduces pair up (without it the first rank waits forever), and the
+    update equals the whole minibatch's."""
+    results = run_on_ranks(_train_uneven, 2, loss_type, 1, timeout_s=120)
+    expected = _plain_loop(loss_type)
+    for result in results:
+        for got, want in zip(result["params"], expected, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    # A statistic of every micro batch, weighted by its rows: 1 over the minibatch, summed over the ranks.
+    assert results[0]["stats"]["rows"] == pytest.approx(1.0) and results[1]["stats"] == results[0]["stats"]
+
+
+# Uneven shares everywhere: 34 prompts; the critic's values over 3 ranks (12, 11, 11), its minibatches
+# of 17 over 3 (6, 6, 5 in micro batches of 2); the actor's over 2 (9 and 8 in micro batches of 1: the
+# second rank runs one zero-weighted step per minibatch). Generate calls of 17 prompts cover the same
+# prompts in one process as on the two actor ranks, so sampling agrees.
+UNEVEN = [
+    "dataset_config.num_samples_each_epoch=34",
+    "train_config.ppo_minibatch=17",
+    "train_config.value_minibatch=17",
+    "train_config.actor_micro_bs=1",
+    "train_config.critic_micro_bs=2",
+    "rollout_config.actor_micro_bs=17",
+    "model_configs.actor.trainer_config.parallel.data.size=2",
+    "model_configs.critic.trainer_config.parallel.data.size=3",
+]
+
+
+@pytest.mark.slow
+def test_uneven_shards_run_matches_one_process(tiny_models, tmp_path):
+    _matches_one_process(tmp_path, BASE + UNEVEN)

@@ -66,3 +66,47 @@ def test_gradient_clipping_reports_the_norm():
     assert trainer.optimizer.state[model.weight]["exp_avg"].item() == pytest.approx(0.1 * 0.5)
     assert model.weight.item() == pytest.approx(-1.0, rel=1e-6)
     assert model.weight.grad is None  # zeroed for the next minibatch's accumulation
+
+
+def test_frozen_models_get_inference_batch_keys_and_the_model_precision(monkeypatch):
+    """DeepSpeed wants train_batch_size and friends even without an optimizer: one inference micro batch
+    per rank and one accumulation step, from the same derivation the trainers use; a bf16 model gets
+    bf16.enabled (zero.Init would otherwise load it in fp32), a given precision is kept."""
+    import rlhf.engine as engine
+    from tests.factory import layout, make_spec
+
+    stage3 = {"zero_optimization": {"stage": 3}}
+    spec = make_spec({**layout(reference=2, reward=2), "repeater_config.ref_micro_bs": 4, "rollout_config.reward_micro_bs": 2,
+                      "model_configs.reference.trainer_config.parallel.data.mode": "deepspeed",
+                      "model_configs.reference.trainer_config.deepspeed_config": stage3,
+                      "model_configs.reference.torch_dtype": "bfloat16",
+                      "model_configs.reward.trainer_config.parallel.data.mode": "deepspeed",
+                      "model_configs.reward.trainer_config.deepspeed_config": {**stage3, "fp16": {"enabled": False}}})
+    assert engine.inference_deepspeed_config(spec, "reference") is None  # no process group: the model runs whole
+    monkeypatch.setattr(engine.dist, "is_initialized", lambda: True)
+    reference = engine.inference_deepspeed_config(spec, "reference")
+    assert {k: reference[k] for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")} == {
+        "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "train_batch_size": 8}
+    assert reference["bf16"] == {"enabled": True} and "gradient_clipping" not in reference and "optimizer" not in reference
+    reward = engine.inference_deepspeed_config(spec, "reward")
+    assert (reward["train_batch_size"], reward["fp16"], "bf16" in reward) == (4, {"enabled": False}, False)
+    assert spec.model_configs.reference.trainer_config.deepspeed_config == stage3  # the spec's own dict is left alone
+
+
+def test_an_inference_engine_without_deepspeed_runs_micro_batches_whole_and_refuses_zero_0_to_2():
+    from rlhf.engine import InferenceEngine
+
+    module = torch.nn.Linear(3, 2)
+    inference = InferenceEngine(module)
+    batch = {"x": torch.randn(5, 3)}
+    calls = []
+
+    def forward(b):
+        calls.append(b["x"].shape[0])
+        return module(b["x"])
+
+    assert (inference.engine, inference.lockstep) == (None, False)
+    torch.testing.assert_close(inference.in_micro_batches(forward, batch, 2), module(batch["x"]).detach())
+    assert calls == [2, 2, 1]
+    with pytest.raises(ValueError, match="ZeRO stage 3"):
+        InferenceEngine(module, {"zero_optimization": {"stage": 2}})

@@ -164,3 +164,41 @@ def test_gather_on_two_ranks_pads_to_the_widest_in_rank_order():
             assert_same(padded[key], expected_gather(both, PAD)[key])
             assert_same(default[key], expected_gather(both, {})[key])
             assert_same(from_one[key], expected_gather([(1, 3, 4)], PAD)[key])
+
+
+# --------------------------------------------------------------------------- uneven shards
+def _plain_shards(size: int, parts: int) -> list[tuple[int, int]]:
+    """Deal the rows out one at a time to the shard with the fewest (the first among equals), then
+    number them in shard order: contiguous shards, first ones larger, sizes within one."""
+    sizes = [0] * parts
+    for _ in range(size):
+        sizes[sizes.index(min(sizes))] += 1
+    bounds, start = [], 0
+    for n in sizes:
+        bounds.append((start, start + n))
+        start += n
+    return bounds
+
+
+@pytest.mark.parametrize("size, parts", [(512, 3), (10, 4), (7, 7), (5, 2), (3, 5), (33, 8), (1, 1)])
+def test_uneven_shards_match_a_plain_deal(size, parts):
+    assert [shard_bounds(size, parts, i) for i in range(parts)] == _plain_shards(size, parts)
+
+
+def test_512_prompts_over_3_ranks():
+    assert [shard_bounds(512, 3, i) for i in range(3)] == [(0, 171), (171, 342), (342, 512)]
+
+
+def _gather_unequal_rows(rank: int, world: int, store) -> dict:
+    group = two_rank_group(rank, store)
+    rows, width = [(3, 2), (2, 4)][rank]
+    return gather_from([0, 1], shard(rank, rows, width), KEYS, CPU, group, rank, PAD)
+
+
+def test_gather_on_two_ranks_with_unequal_row_counts():
+    """Shares of 3 and 2 rows (and widths 2 and 4): every rank gets the 5 rows in rank order."""
+    expected = expected_gather([(0, 3, 2), (1, 2, 4)], PAD)
+    for got in run_on_ranks(_gather_unequal_rows, 2):
+        assert set(got) == set(expected)
+        for key in expected:
+            assert_same(got[key], expected[key])

@@ -172,3 +172,66 @@ def test_a_resumed_run_says_first_which_checkpoint_and_step_it_continues_from(ti
     assert resumed.stderr.splitlines()[0] == (
         f"rlhf-launch: resuming tiny_cpu from {checkpoint} (step 2 of 3) here in one process (1 CPU thread); run folder {run_dir}"
     )
+
+
+@pytest.mark.slow
+def test_distributed_norm_rewards_and_rollouts_file_match_one_process(tiny_models, tmp_path):
+    """Ranks in their own processes (the generator sharded over two actor ranks) normalise the
+    rewards as one process does, and global rank 0 alone writes each sample once."""
+    import json
+
+    from rlhf.core import yaml_io
+    from rlhf.loop import run_local
+    from rlhf.metrics import read_metrics
+    from rlhf.rollout_log import rollouts_path
+    from tests.factory import layout, make_spec, spec_dict
+
+    # Sampling is seeded per generate call: 16 prompts per call on each of the two actor ranks
+    # cover the same prompts as one process's two calls.
+    overrides = {**layout(actor=2), "rollout_config.actor_micro_bs": 16, "repeater_config.norm_rewards": True,
+                 "rollout_config.write_to_file": True, "train_config.max_train_step": 2, "train_config.save_interval": 0}
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml_io.dump(spec_dict(overrides, run_dir=tmp_path / "ranks")))
+    proc = subprocess.run([sys.executable, "-m", "launcher.cli", str(spec_file), "--local", "--processes"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_local(make_spec(overrides), tmp_path / "single", quiet=True)
+    for a, b in zip(read_metrics(tmp_path / "ranks"), read_metrics(tmp_path / "single"), strict=True):
+        for key in ("reward_mean", "kl", "policy_loss", "value_loss", "advantage_mean", "return_mean"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
+    ranks, single = ([json.loads(line) for line in rollouts_path(tmp_path / run).read_text().splitlines()] for run in ("ranks", "single"))
+    assert len(ranks) == len(single) == 2 * 32
+    for a, b in zip(ranks, single, strict=True):
+        assert (a["step"], a["row"], a["prompt"], a["response"]) == (b["step"], b["row"], b["prompt"], b["response"])
+        assert (a["score"], a["reward"]) == (pytest.approx(b["score"], abs=1e-5), pytest.approx(b["reward"], abs=1e-5))
+
+
+def test_each_rank_gets_the_envs_of_the_roles_on_its_component():
+    from tests.factory import load
+
+    plan = load({"model_configs.actor.trainer_config.envs": {"ACTOR_FLAG": "a b", "OMP_NUM_THREADS": "3"},
+                 "model_configs.reward.trainer_config.envs": {"REWARD_FLAG": "r"}}).plan
+    envs = rank_environments(plan, 1, 1)
+    roles = [plan.role_of_rank(rank)[0] for rank in range(plan.world_size)]
+    assert roles == ["actor", "critic", "reference", "reward"]
+    # actor and critic share the trainer component's environment, as on its srun line; the role's value wins over ours
+    assert [e.get("ACTOR_FLAG") for e in envs] == ["a b", "a b", None, None]
+    assert [e["OMP_NUM_THREADS"] for e in envs] == ["3", "3", "1", "1"]
+    assert [e.get("REWARD_FLAG") for e in envs] == [None, None, "r", "r"]
+
+
+def test_one_process_takes_every_roles_envs_unless_two_disagree(tmp_path):
+    from launcher.local import _environment, one_process_envs
+    from tests.factory import load
+
+    agree = load({"model_configs.actor.trainer_config.envs": {"A": "1"}, "model_configs.reference.trainer_config.envs": {"B": "2"}})
+    assert one_process_blocker(agree.spec, agree.plan, NO_GPU) is None
+    assert one_process_envs(agree.spec) == {"A": "1", "B": "2"}
+    clash = load({"model_configs.actor.trainer_config.envs": {"A": "1"}, "model_configs.reward.trainer_config.envs": {"A": "2"}})
+    assert one_process_blocker(clash.spec, clash.plan, NO_GPU) == (
+        "the trainer and inference roles set A to different values ('1', '2') in trainer_config.envs"
+    )
+    os.environ["RLHF_TEST_KEPT"] = "before"
+    with _environment({"RLHF_TEST_KEPT": "during", "RLHF_TEST_NEW": "x"}):
+        assert os.environ["RLHF_TEST_KEPT"] == "during" and os.environ["RLHF_TEST_NEW"] == "x"
+    assert os.environ.pop("RLHF_TEST_KEPT") == "before" and "RLHF_TEST_NEW" not in os.environ

@@ -210,3 +210,30 @@ def test_requeued_hetjob_runs_again(slurm_env, tmp_path):
         _wait_for(slurm_env, job, "COMPLETED", timeout=60, log=out)
         _wait_for_text(out, "END 1", timeout=5)
         assert "END 0" not in out.read_text()
+
+
+def test_an_uneven_component_is_accepted_and_its_ranks_land_as_planned(slurm_env, tmp_path):
+    """A trainer of 5 ranks on 2-GPU nodes (2 + 2 + 1) as the launcher renders it: sbatch --test-only
+    accepts it, and the tasks of its srun step land on the nodes the plan says, in blocks."""
+    from launcher.render import JobFiles, render_sbatch
+    from tests.factory import layout, load
+
+    loaded = load({**layout(actor=3, critic=2), "train_config.actor_micro_bs": 1, "train_config.critic_micro_bs": 1})
+    assert loaded.plan.components[0].ranks_per_node == [2, 2, 1]
+    script = tmp_path / "uneven.sbatch"
+    script.write_text(render_sbatch(loaded.spec, loaded.plan, JobFiles(str(tmp_path), "/bin/true")))
+    proc = subprocess.run(["sbatch", "--test-only", "--partition=debug", str(script)], env=slurm_env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "to start at" in proc.stderr, proc.stderr
+    # The same component header, with a probe for the worker: each task reports its node and rank.
+    out = tmp_path / "probe.out"
+    header = render_sbatch(loaded.spec, loaded.plan, JobFiles(str(tmp_path), "/bin/true")).split("set -uo pipefail")[0]
+    header = re.sub(r"#SBATCH --output=\S+", f"#SBATCH --output={out}", header)
+    probe = tmp_path / "probe.sbatch"
+    probe.write_text(header + "srun --het-group=0 --distribution=block bash -c 'echo TASK $SLURM_PROCID $SLURMD_NODENAME'\necho DONE\n")
+    job = _submit(slurm_env, probe)
+    _wait_for(slurm_env, job, "COMPLETED", timeout=60, log=out)
+    _wait_for_text(out, "DONE", timeout=5)
+    tasks = dict(re.findall(r"^TASK (\d) (\S+)$", out.read_text(), re.M))
+    nodes = [tasks[str(rank)] for rank in range(5)]
+    assert nodes[0] == nodes[1] != nodes[2] == nodes[3] != nodes[4] != nodes[0], out.read_text()

@@ -104,3 +104,37 @@ def test_cli_local_run_and_refusal_to_overwrite(tiny_models, tmp_path, capsys):
     assert main([*args[:-1], "train_config.max_train_step=2", "--resume"]) == 0
     assert [r["step"] for r in read_metrics(run_dir)] == [1, 2]
     assert main([*args, "--resume", str(tmp_path / "nowhere")]) == 2
+
+
+def test_norm_rewards_and_rollouts_file_resume_exactly(tiny_models, tmp_path):
+    """A run interrupted after step 3 and resumed from its step-2 checkpoint redoes step 3: its
+    metrics, its rollouts.jsonl (no duplicated step-3 lines) and its reward statistics equal the
+    uninterrupted run's, and the statistics are those of every clipped score it logged."""
+    import math
+
+    from rlhf.rollout_log import rollouts_path
+    from tests.factory import make_spec
+
+    sets = {"train_config.save_interval": 2, "dataset_config.num_samples_each_epoch": 16, "train_config.ppo_minibatch": 8,
+            "train_config.value_minibatch": 8, "repeater_config.norm_rewards": True, "rollout_config.write_to_file": True}
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_local(make_spec(sets, **{"train_config.max_train_step": 4}), straight, quiet=True)
+    run_local(make_spec(sets, **{"train_config.max_train_step": 3}), resumed, quiet=True)
+    step_two = resumed / "checkpoints" / "step-00000002"
+    run_local(make_spec(sets, **{"train_config.max_train_step": 4}), resumed, resume=str(step_two), quiet=True)
+    assert without_timing(read_metrics(straight)) == without_timing(read_metrics(resumed))
+    text = rollouts_path(resumed).read_text()
+    assert text == rollouts_path(straight).read_text()
+    samples = [json.loads(line) for line in text.splitlines()]
+    assert [s["step"] for s in samples] == [step for step in (1, 2, 3, 4) for _ in range(16)]
+    assert all(s["response_len"] >= 1 and isinstance(s["prompt"], str) and s["prompt"] for s in samples)
+    moments = [torch.load(latest_checkpoint(run) / "loop.pt", weights_only=False)["reward_moments"] for run in (straight, resumed)]
+    assert moments[0] == moments[1]
+    clipped = [min(max(s["score"], -1.5), 1.5) for s in samples]
+    mean = sum(clipped) / len(clipped)
+    assert moments[0]["count"] == len(clipped)
+    assert moments[0]["mean"] == pytest.approx(mean, rel=1e-6)
+    assert moments[0]["m2"] == pytest.approx(sum((x - mean) ** 2 for x in clipped), rel=1e-6)
+    last = [s for s in samples if s["step"] == 4]
+    std = math.sqrt(moments[0]["m2"] / moments[0]["count"])
+    assert [s["reward"] for s in last] == pytest.approx([(x - mean) / (std + 1e-8) for x in clipped[-16:]], rel=1e-5, abs=1e-6)

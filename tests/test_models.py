@@ -80,3 +80,25 @@ def test_eos_equal_to_pad_still_scores_the_response_end(models):
         score = sequence_scores(critic, input_ids, attention_mask)[0]
         alone = critic.score(critic.base_model(input_ids=torch.tensor([[1, 5, 40, 2]])).last_hidden_state[0, -1])
     assert score.item() == pytest.approx(alone.item(), abs=2e-5)
+
+
+def test_frozen_models_load_whole_without_a_process_group(tiny_models):
+    """With data.mode deepspeed but no process group (one process runs every role) the reference and the
+    reward load whole, frozen, and score as the plain loaders' models do; the reward's head stays fp32."""
+    from rlhf.models import load_frozen
+    from tests.factory import make_spec
+
+    deepspeed = {f"model_configs.{role}.trainer_config.{key}": value for role in ("reference", "reward")
+                 for key, value in (("parallel.data.mode", "deepspeed"), ("deepspeed_config", {"zero_optimization": {"stage": 3}}))}
+    spec = make_spec({**deepspeed, "model_configs.reward.torch_dtype": "bfloat16"})
+    reference, ref_engine = load_frozen(spec, "reference", torch.device("cpu"))
+    reward, reward_engine = load_frozen(spec, "reward", torch.device("cpu"), pad_token_id=0)
+    assert ref_engine.engine is None and reward_engine.engine is None and not ref_engine.lockstep
+    assert not any(p.requires_grad for model in (reference, reward) for p in model.parameters())
+    assert reward.score.weight.dtype == torch.float32 and next(reward.base_model.parameters()).dtype == torch.bfloat16
+    input_ids, mask, response_ids, _ = left_padded_batch(PROMPTS, RESPONSES, pad=0)
+    plain = load_causal_lm(str(tiny_models / "actor"), "float32", torch.device("cpu"))
+    with torch.no_grad():
+        torch.testing.assert_close(PolicyModule(reference)(input_ids, mask, response_ids.shape[1]),
+                                   PolicyModule(plain)(input_ids, mask, response_ids.shape[1]), atol=0, rtol=0)
+        assert sequence_scores(reward, input_ids, mask).isfinite().all()

@@ -530,3 +530,25 @@ def test_running_std_defaults_to_one_before_two_samples():
     count, mean, m2 = ppo.update_running_moments(count, mean, m2, torch.tensor([0.0, 8.0]))
     assert (count, mean, m2) == (4, 4.0, 34.0)
     assert ppo.running_std(count, m2) == pytest.approx(math.sqrt(34.0 / 4))
+
+
+def test_normalize_by_moments_matches_the_population_formula():
+    gen = torch.Generator().manual_seed(7)
+    seen: list[float] = []
+    count, mean, m2 = 0, 0.0, 0.0
+    for size in (3, 1, 5):
+        batch = rand(gen, size)
+        seen += batch.tolist()
+        count, mean, m2 = ppo.update_running_moments(count, mean, m2, batch)
+        mu = sum(seen) / len(seen)
+        sigma = math.sqrt(sum((x - mu) ** 2 for x in seen) / len(seen))
+        expected = [(x - mu) / (sigma + 1e-8) for x in batch.tolist()]
+        assert ppo.normalize_by_moments(batch, count, mean, m2).tolist() == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_normalize_by_moments_of_constant_scores_is_zero_and_needs_a_count():
+    batch = torch.full((4,), 0.7, dtype=F64)
+    count, mean, m2 = ppo.update_running_moments(0, 0.0, 0.0, batch)
+    assert ppo.normalize_by_moments(batch, count, mean, m2).tolist() == [0.0] * 4
+    with pytest.raises(ValueError, match="at least one value"):
+        ppo.normalize_by_moments(batch, 0, 0.0, 0.0)

@@ -15,7 +15,9 @@ import pytest
 
 from launcher.render import JobFiles, RenderError, render_sbatch
 from launcher.spec import load_spec
+from rlhf.core.problems import SpecError
 from tests.conftest import ROOT
+from tests.factory import layout, load_sized, reward_function
 
 GOLDEN = ROOT / "tests" / "golden"
 SEED_SPECS = ["internlm2_1_8b", "internlm2_7b", "llama2_7b", "llama2_7b_vllm"]
@@ -228,3 +230,79 @@ def test_compute_nodes_are_offline_by_default_and_ranks_are_placed_in_blocks(stu
 def test_script_is_valid_bash():
     for name in SEED_SPECS:
         subprocess.run(["bash", "-n"], input=rendered(name), text=True, check=True)
+
+
+# --------------------------------------------------------------------------- trainer_config.envs and uneven components
+# A trainer of 20 GPUs on 8-GPU nodes (8 + 8 + 4), and envs on three roles: actor and critic share
+# the trainer component, the reference gives the inference component its own.
+ENVS_UNEVEN = {
+    **layout(actor=12, critic=8),
+    "model_configs.actor.trainer_config.envs": {"NCCL_DEBUG": "INFO", "XTUNER_FLAGS": "a,b c'd $(id)"},
+    "model_configs.critic.trainer_config.envs": {"NCCL_DEBUG": "INFO", "CUDA_DEVICE_MAX_CONNECTIONS": "1"},
+    "model_configs.reference.trainer_config.envs": {"HF_HOME": "/scratch/hf cache"},
+}
+
+
+def factory_rendered(overrides, files: JobFiles = FILES) -> str:
+    loaded = load_sized(overrides)
+    return render_sbatch(loaded.spec, loaded.plan, files)
+
+
+def test_golden_script_with_envs_and_an_uneven_component():
+    """Set RLHF_UPDATE_GOLDEN=1 to rewrite the golden file after a deliberate change."""
+    text = factory_rendered(ENVS_UNEVEN)
+    golden = GOLDEN / "envs_uneven.sbatch"
+    if os.environ.get("RLHF_UPDATE_GOLDEN"):
+        golden.write_text(text)
+    assert text == golden.read_text()
+    subprocess.run(["bash", "-n"], input=text, text=True, check=True)
+
+
+def test_an_uneven_component_asks_for_its_tasks_with_at_most_a_node_each():
+    text = factory_rendered(ENVS_UNEVEN)
+    trainer = text.split("#SBATCH hetjob")[0]
+    assert "#SBATCH --nodes=3\n#SBATCH --ntasks=20\n#SBATCH --ntasks-per-node=8\n#SBATCH --gpus-per-node=8\n" in trainer
+    assert "# 8 + 8 + 4 ranks on 3 nodes" in trainer
+    inference = text.split("#SBATCH hetjob")[1]
+    assert "--ntasks=" not in inference.split("set -uo")[0]  # an even component keeps the per-node form
+
+
+def test_each_component_runs_its_roles_envs_quoted(stub_env):
+    tmp_path, run_dir, env = stub_env
+    proc = start(factory_rendered(ENVS_UNEVEN, JobFiles(str(run_dir), "/opt/env/bin/python")), tmp_path, env)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    trainer = (tmp_path / "srun-0.args").read_text().splitlines()
+    command = trainer[trainer.index("env"):]
+    assert command[:5] == ["env", "NCCL_DEBUG=INFO", "XTUNER_FLAGS=a,b c'd $(id)", "CUDA_DEVICE_MAX_CONNECTIONS=1", "/opt/env/bin/python"]
+    inference = (tmp_path / "srun-1.args").read_text().splitlines()
+    assert inference[inference.index("env") + 1] == "HF_HOME=/scratch/hf cache"
+    assert not any(arg.startswith(("NCCL_DEBUG", "XTUNER_FLAGS")) for arg in inference)
+
+
+def test_roles_on_the_same_ranks_may_not_set_one_variable_to_two_values():
+    with pytest.raises(SpecError) as info:
+        load_sized({"model_configs.actor.trainer_config.envs": {"NCCL_DEBUG": "INFO"},
+                    "model_configs.critic.trainer_config.envs": {"NCCL_DEBUG": "WARN"}})
+    message = str(info.value)
+    assert "model_configs.critic.trainer_config.envs.NCCL_DEBUG: found 'WARN', but actor sets 'INFO'" in message
+    assert "trainer component" in message
+    # A reward function runs on the reference ranks: its model section's envs meet the reference's.
+    with pytest.raises(SpecError, match="reward.trainer_config.envs.X: found '2', but reference sets '1'"):
+        load_sized({**reward_function(), "model_configs.reference.trainer_config.envs": {"X": "1"},
+                    "model_configs.reward.trainer_config.envs": {"X": "2"}})
+    # Different components are different ranks: each keeps its value.
+    loaded = load_sized({"model_configs.actor.trainer_config.envs": {"X": "1"}, "model_configs.reference.trainer_config.envs": {"X": "2"}})
+    assert [c.envs for c in loaded.plan.components] == [{"X": "1"}, {"X": "2"}]
+
+
+@pytest.mark.parametrize("name", ["RLHF_RANK_OFFSET", "SLURM_PROCID", "MASTER_PORT"])
+def test_envs_may_not_move_a_rank(name):
+    with pytest.raises(SpecError, match=f"actor.trainer_config.envs.{name}: set, but the launcher sets it"):
+        load_sized({"model_configs.actor.trainer_config.envs": {name: "0"}})
+
+
+@pytest.mark.parametrize("name", ["1ABC", "A-B", "A B", "A;id"])
+def test_envs_names_are_shell_names(name):
+    with pytest.raises(SpecError, match="envs"):
+        load_sized({"model_configs.actor.trainer_config.envs": {name: "0"}})

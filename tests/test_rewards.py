@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from rlhf import rewards
 from rlhf.rewards import brevity, vowel_ratio, vowel_score
 
 
@@ -91,3 +92,55 @@ def test_brevity_is_fewer_words_better_for_every_length():
     assert all(a >= b for a, b in zip(scores, scores[1:], strict=False))
     with pytest.raises(ValueError, match="2 prompts but 1 responses"):
         brevity(["a", "b"], ["x"])
+
+
+# --------------------------------------------------------------------------- verifiable rewards
+@pytest.mark.parametrize(("text", "found"), [
+    ("The answer is 42.", "42"),
+    ("first 3, then 4, so 7", "7"),
+    ("so \\boxed{\\frac{1}{2}} and 9 later", "\\frac{1}{2}"),  # a boxed answer wins over a later number
+    ("\\boxed{x^{2}+1}", "x^{2}+1"),  # nested braces
+    ("\\boxed{12", "12"),  # unclosed: the last number
+    ("total: 1,234 apples", "1,234"),
+    ("no digits here", None),
+])
+def test_extract_answer(text, found):
+    assert rewards.extract_answer(text) == found
+
+
+@pytest.mark.parametrize(("a", "b"), [("42", "42.0"), ("84/2", "42"), ("0.50", "\\frac{1}{2}"), ("$1,000.", "1000"),
+                                      ("-3/6", "\\dfrac{-1}{2}"), ("Paris", " paris ")])
+def test_normalize_answer_makes_equal_answers_equal(a, b):
+    assert rewards.normalize_answer(a) == rewards.normalize_answer(b)
+
+
+def test_normalize_answer_keeps_different_answers_apart():
+    assert len({rewards.normalize_answer(x) for x in ["42", "43", "4.2", "1/2", "paris", "1,2"]}) == 6
+
+
+def test_math_answer_scores_against_the_record_field():
+    responses = ["It is 17.", "I think 16", "\\boxed{17}", ""]
+    assert rewards.math_answer(["p"] * 4, responses, answer=["17"] * 4) == [1.0, 0.0, 1.0, 0.0]
+    assert rewards.math_answer_boxed(["p"] * 4, responses, answer=["17"] * 4, level=[1] * 4) == [1.0, 0.0, 1.1, 0.0]
+    with pytest.raises(ValueError, match="answers"):
+        rewards.math_answer(["p"], ["1"], answer=[])
+
+
+def test_the_arithmetic_set_has_right_answers_and_a_held_out_split():
+    import json
+    import re
+
+    from tests.conftest import ROOT
+
+    def solve(prompt: str, level: int) -> int:  # the numbers in the order the story gives them
+        n = [int(x) for x in re.findall(r"\d+", prompt)]
+        return {1: lambda: n[0] + n[1], 2: lambda: n[0] + n[1] - n[2], 3: lambda: n[0] * n[1] + n[2] - n[3]}[level]()
+
+    splits = {}
+    for name in ("arithmetic_train", "arithmetic_test"):
+        records = [json.loads(line) for line in (ROOT / "data" / "prompts" / f"{name}.jsonl").read_text().splitlines()]
+        assert {r["level"] for r in records} == {1, 2, 3}
+        assert [int(r["answer"]) for r in records] == [solve(r["prompt"], r["level"]) for r in records]
+        assert all(int(r["answer"]) >= 0 for r in records)
+        splits[name] = {r["prompt"] for r in records}
+    assert not splits["arithmetic_train"] & splits["arithmetic_test"]

@@ -167,3 +167,29 @@ def test_cancel_stops_a_running_job(tiny_models, slurm_env, tmp_path):
     assert out.returncode == 0 and f"cancelled job {job}" in out.stdout, out.stderr
     states = wait_for_end(slurm_env, job, timeout=120, nudge=False)
     assert all(s["JobState"] == "CANCELLED" for s in states), states
+
+
+def test_an_uneven_trainer_component_trains_like_one_process(tiny_models, slurm_env, tmp_path):
+    """A trainer component of 5 ranks (actor 3, critic 2) on nodes of 2 GPUs: 2 + 2 + 1 over three
+    nodes, the inference component on the fourth. The actor's shares are uneven too (32 prompts over
+    3 ranks: 11, 11, 10; minibatches of 16: 6, 5, 5); one-prompt generate calls make sampling
+    independent of the sharding."""
+    sets = [
+        "train_config.max_train_step=2",
+        "train_config.actor_micro_bs=1",
+        "rollout_config.actor_micro_bs=1",
+        "model_configs.actor.trainer_config.parallel.data.size=3",
+        "model_configs.critic.trainer_config.parallel.data.size=2",
+    ]
+    job = submit(slurm_env, tmp_path, sets, "uneven")
+    states = wait_for_end(slurm_env, job)
+    assert [s["JobState"] for s in states] == ["COMPLETED"] * 2, states
+    assert states[0]["NumNodes"] == "3", states
+    # The allocation counts --ntasks-per-node on every node; the step ran the plan's 5 tasks, one log each.
+    assert len(list((tmp_path / "uneven" / "logs").glob(f"{job}-trainer-*.log"))) == 5
+    rows = read_metrics(tmp_path / "uneven")
+    single = run_local(load_spec(TINY, sets).spec, tmp_path / "single", quiet=True)
+    assert [r["step"] for r in rows] == [1, 2]
+    for a, b in zip(rows, single, strict=True):
+        for key in COMPARED:
+            assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)

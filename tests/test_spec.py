@@ -12,6 +12,7 @@ import yaml
 from launcher.spec import load_spec
 from rlhf.core.problems import SpecError
 from tests.conftest import ROOT, SPECS
+from tests.factory import load
 
 BASE = yaml.safe_load((ROOT / "specs" / "internlm2_1_8b.yaml").read_text())
 
@@ -179,8 +180,8 @@ def test_floats_without_a_dot_are_numbers(tmp_path):
         ),
         (
             {"model_configs__reference__trainer_config__parallel__data": {"size": 1, "mode": "deepspeed"}},
-            "model_configs.reference.trainer_config.parallel.data.mode",
-            "DeepSpeed inference is not supported yet",
+            "model_configs.reference.trainer_config.deepspeed_config",
+            "needs a deepspeed_config with zero_optimization.stage",
         ),
         (
             {"model_configs__reward__trainer_config__train_kwargs": {"lr": 1.0}},
@@ -334,3 +335,10 @@ def test_resolution_fills_derived_defaults(tmp_path):
     spec = load_spec(write(tmp_path, data)).spec
     assert spec.train_config.actor_micro_bs == 1  # the actor's train_kwargs.micro_bsz
     assert spec.model_configs.critic.model_type == "critic"
+
+
+def test_reward_scale_with_norm_rewards_is_warned_about_once():
+    both = load({"repeater_config.reward_scale": True, "repeater_config.norm_rewards": True})
+    assert [w.path for w in both.warnings if "norm_rewards" in w.message] == ["repeater_config.reward_scale"]
+    alone = load({"repeater_config.norm_rewards": True})
+    assert not [w for w in alone.warnings if "norm_rewards" in w.message]

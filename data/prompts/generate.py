@@ -5,6 +5,9 @@
 writes, next to this script:
 - tiny_prompts.jsonl: ~300 short chat prompts, {"messages": [{"role": "user", "content": ...}]},
   made from instruction templates x topics; used by the tiny models and the tests.
+- arithmetic_train.jsonl / arithmetic_test.jsonl: multi-step arithmetic word problems with their answers,
+  {"prompt": ..., "answer": "12", "level": 1..3}, 600 to train on and a held-out 150 (no prompt in both),
+  for verifiable rewards (``rlhf.rewards:math_answer``).
 - hh_style_sample.jsonl: ~20 preference pairs in the Anthropic hh-rlhf text format
   ({"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": ...}), some multi-turn, so the
   hh-rlhf parser can be tested offline. All text here is written for this project.
@@ -131,6 +134,43 @@ def hh_style_sample() -> list[dict]:
     return rows
 
 
+NAMES = ["Mia", "Leo", "Ana", "Sam", "Kai", "Zoe", "Ben", "Ivy", "Max", "Eva"]
+THINGS = ["apples", "pencils", "stickers", "marbles", "cookies", "stamps", "shells", "books"]
+ASK = " Answer with the number only."
+
+
+def _word_problem(rng: random.Random, level: int) -> tuple[str, int]:
+    """One problem of ``level`` steps (1: add or take away; 2: both; 3: boxes of several, then both) and its answer."""
+    name, thing = rng.choice(NAMES), rng.choice(THINGS)
+    if level == 3:
+        boxes, per_box = rng.randint(2, 5), rng.randint(2, 6)
+        total = boxes * per_box
+        text = f"{name} buys {boxes} boxes of {thing} with {per_box} {thing} in each box."
+    else:
+        total = rng.randint(2, 20)
+        text = f"{name} has {total} {thing}."
+    gained = rng.randint(1, 9)
+    text += f" {name} gets {gained} more."
+    total += gained
+    if level >= 2:
+        lost = rng.randint(1, total - 1)
+        text += f" Then {name} gives {lost} to a friend."
+        total -= lost
+    return f"{text} How many {thing} does {name} have now?{ASK}", total
+
+
+def arithmetic(train: int = 600, test: int = 150) -> tuple[list[dict], list[dict]]:
+    """Train and held-out problems, a third of each level; a prompt never appears twice."""
+    rng, seen, rows = random.Random(SEED + 1), set(), []
+    while len(rows) < train + test:
+        level = 1 + len(rows) % 3
+        prompt, answer = _word_problem(rng, level)
+        if prompt not in seen:
+            seen.add(prompt)
+            rows.append({"prompt": prompt, "answer": str(answer), "level": level})
+    return rows[:train], rows[train:]
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     with path.open("w", encoding="utf-8") as f:
         for row in rows:
@@ -140,6 +180,29 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 def main() -> None:
     write_jsonl(HERE / "tiny_prompts.jsonl", tiny_prompts())
     write_jsonl(HERE / "hh_style_sample.jsonl", hh_style_sample())
+    train, test = arithmetic()
+    write_jsonl(HERE / "arithmetic_train.jsonl", train)
+    write_jsonl(HERE / "arithmetic_test.jsonl", test)
+    (HERE.parent / "pretrain").mkdir(exist_ok=True)
+    write_jsonl(HERE.parent / "pretrain" / "tiny_text.jsonl", tiny_text())
+
+
+_SUBJECTS = ("The river", "A small bird", "The old library", "My neighbour", "The morning train", "A quiet garden",
+             "The baker", "Our team")
+_VERBS = ("opens", "watches", "carries", "finds", "remembers", "paints", "builds", "follows")
+_OBJECTS = ("the light over the hills", "a letter from a friend", "the sound of rain", "a map of the town",
+            "the last page of a book", "a basket of apples", "the path by the sea", "a song about winter")
+
+
+def tiny_text(count: int = 64) -> list[dict]:
+    """Pretraining text for PPO-ptx tests ({"text": ...}): short plain paragraphs of two to four sentences,
+    made here from fixed word lists (seeded), of varied lengths so that batches need padding."""
+    rng = random.Random(2203)
+    rows = []
+    for _ in range(count):
+        sentences = [f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)}." for _ in range(rng.randint(2, 4))]
+        rows.append({"text": " ".join(sentences)})
+    return rows
 
 
 if __name__ == "__main__":

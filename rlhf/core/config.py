@@ -75,7 +75,33 @@ class RolloutConfig:
     clip_reward_min: float = option(-1.5, "Reward scores are clipped to [clip_reward_min, clip_reward_max].")
     clip_reward_max: float = option(1.5, "Upper end of the reward clip range.")
     max_new_tokens: int = option(1024, "Most tokens generated per response.", minimum=1)
+    n_samples_per_prompt: int = option(
+        1,
+        "Responses sampled for each prompt; the n responses of a prompt are contiguous rows, one group. The rollout "
+        "batch is num_samples_each_epoch x n sequences, and every batch size counts sequences. The group estimators "
+        "(repeater_config.advantage_estimator) need n >= 2.",
+        minimum=1,
+    )
     generate_kwargs: GenerateKwargs = section(GenerateKwargs, "Sampling settings.")
+    dynamic_sampling: bool = option(
+        False,
+        "DAPO's dynamic sampling: drop the groups whose n rewards are all equal (they have zero advantage under every "
+        "group estimator) and draw further prompts until the batch is full; needs n_samples_per_prompt >= 2. The "
+        "draws are a pure function of (seed, step), so a resumed run stays exact. filtered_frac logs the share dropped.",
+    )
+    dynamic_sampling_max_draws: int = option(
+        4,
+        "With dynamic_sampling: most generate rounds per step; when they do not fill the batch, it is topped up with "
+        "dropped groups (and the step says so in its metrics).",
+        minimum=1,
+    )
+    write_to_file: bool = option(
+        False,
+        "Append one JSON line per sample to RUN_DIR/rollouts.jsonl (global rank 0, every step): step, row, prompt and "
+        "response (decoded text), score (raw), reward (clipped and normalised score), response_len (tokens). A resumed "
+        "run first drops the lines of steps after its checkpoint. rlhf-launch status shows the last few. "
+        "XTuner's default is true.",
+    )
 
 
 # --------------------------------------------------------------------------- repeater
@@ -91,10 +117,35 @@ class RepeaterConfig:
         "Divide each clipped score by the running standard deviation of all scores seen so far "
         "(saved in checkpoints), before the KL penalty is added.",
     )
+    norm_rewards: bool = option(
+        False,
+        "Normalise each clipped score by the running mean and variance of all clipped scores seen so far, this "
+        "step's included (as XTuner: update, then normalise): (score - mean) / (sqrt(var) + 1e-8), var the population "
+        "variance. The statistics are saved in checkpoints, so a resumed run stays exact. Applied before the KL penalty "
+        "is added. Implies reward_scale (the same statistics; scores are divided by the std once). XTuner's default is true.",
+    )
     fine_grained_rm: bool = option(False, "Per-token reward-model scores. Not supported yet: only false.")
     value_ema: bool = option(False, "Exponential moving average of value targets. Not supported yet: only false.")
     kl_coeff: float = option(
-        0.02, "Per-token KL penalty: reward_t -= kl_coeff * (logp_actor_t - logp_ref_t).", minimum=0
+        0.02,
+        "Weight of the KL term: with kl_in reward, reward_t -= kl_coeff * KL_t; with kl_in loss, the actor's loss gains "
+        "kl_coeff * KL. 0 removes the reference model from the job.",
+        minimum=0,
+    )
+    kl_estimator: Literal["k1", "k2", "k3"] = option(
+        "k1",
+        "Per-token KL estimate from x = logp_actor - logp_ref: k1 = x, k2 = x^2 / 2, k3 = exp(-x) - 1 + x "
+        "(Schulman 2020, 'Approximating KL Divergence'; GRPO puts k3 in the loss).",
+    )
+    kl_in: Literal["reward", "loss"] = option(
+        "reward", "Where the KL term acts: reward (a per-token penalty in the rewards, as in PPO-RLHF) or loss (added to "
+        "the actor's loss, as in GRPO).",
+    )
+    advantage_estimator: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = option(
+        "gae",
+        "How advantages are estimated (README: Choosing an algorithm). Only gae trains a critic: with any other, the job "
+        "has no critic. grpo, dr_grpo, rloo and reinforce_pp_baseline compare the n samples of each prompt "
+        "(rollout_config.n_samples_per_prompt >= 2).",
     )
     gamma: float = option(1.0, "GAE discount factor, in [0, 1].", minimum=0, maximum=1)
     gae_lambda: float = option(0.95, "GAE lambda, in [0, 1].", minimum=0, maximum=1)
@@ -129,8 +180,17 @@ class TrainConfig:
     )
     ppo_epochs: int = option(1, "Passes over each rollout batch per PPO step.", minimum=1)
     policy_clip: float = option(0.2, "PPO ratio clip: ratios outside [1-x, 1+x] get no gradient.", exclusiveMinimum=0)
+    policy_clip_high: float | None = option(
+        None, "Upper ratio clip, 1 + x (DAPO's clip-higher, e.g. 0.28). Default: policy_clip.", exclusiveMinimum=0
+    )
     value_clip: float = option(0.2, "Value clip: new values stay within x of the rollout values.", exclusiveMinimum=0)
     pretrain_step: int = option(0, "Critic-only warm-up steps before the actor starts training.", minimum=0)
+    pretrain_loss_weight: float = option(
+        0.0,
+        "PPO-ptx (Ouyang et al. 2022, InstructGPT): each actor update adds this weight x the language-model loss "
+        "(mean token negative log-likelihood) of a batch of pretraining text from pretrain_dataset_config. 0 disables.",
+        minimum=0,
+    )
     save_interval: int = option(
         80, "Checkpoint every this many PPO steps; 0 saves only at the end.", minimum=0
     )
@@ -138,6 +198,41 @@ class TrainConfig:
 
 
 # --------------------------------------------------------------------------- models
+@dataclass(kw_only=True)
+class PretrainDatasetConfig:
+    """Pretraining text for PPO-ptx (train_config.pretrain_loss_weight)."""
+
+    pretrain_datas: list[str] = option(
+        doc="Text sources '<source>::<weight>' as in ppo_datas: local .jsonl/.json/.parquet files or folders, or cached "
+        "Hugging Face datasets, whose records have a 'text' field (or a chat under 'messages', used whole).",
+        minItems=1,
+    )
+    num_samples_each_epoch: int = option(16, "Pretraining sequences per PPO step, over all actor ranks.", minimum=1)
+    max_seq_len: int = option(1024, "Most tokens per pretraining sequence; longer texts keep their first tokens.", minimum=1)
+    random_seed: int = option(1024, "Seed of the pretraining text order and mix.")
+
+
+@dataclass(kw_only=True)
+class TokenizerConfig:
+    """Tokenizer overrides: which tokenizer, its special tokens and chat template."""
+
+    tokenizer_path: str | None = option(None, "Tokenizer to load. Default: the actor's model_path.")
+    pad_token_id: int | None = option(None, "Override the tokenizer's padding token.", minimum=0)
+    bos_token_id: int | None = option(
+        None, "Override the tokenizer's beginning-of-sequence token (chat templates that write bos_token use it).", minimum=0
+    )
+    eos_token_id: int | None = option(None, "Override the tokenizer's end-of-sequence token.", minimum=0)
+    padding_side: Literal["left"] = option(
+        "left", "Prompts are left-padded so that generation continues right after them."
+    )
+    chat_template: str | None = option(None, "Jinja chat template replacing the tokenizer's.")
+    from_pretrained_kwargs: dict[str, Any] = option(
+        doc="Other keywords passed to AutoTokenizer.from_pretrained as they are (e.g. use_fast: false, trust_remote_code: "
+        "true); padding_side, local_files_only and chat_template are set by their own keys and refused here.",
+        factory=dict,
+    )
+
+
 @dataclass(kw_only=True)
 class TrainKwargs:
     """Optimizer settings of a trained model (actor, critic)."""
@@ -159,8 +254,10 @@ class TrainKwargs:
         1.0, "Clip the gradient norm of each optimizer step to this; null disables.", exclusiveMinimum=0
     )
     weight_decay: float = option(0.0, "AdamW weight decay.", minimum=0)
-    loss_type: Literal["per_seq", "per_token"] = option(
-        "per_seq", "per_seq: mean over each sequence's tokens, then over sequences; per_token: mean over all tokens."
+    loss_type: Literal["per_seq", "per_token", "per_seq_sum"] = option(
+        "per_seq",
+        "per_seq: mean over each sequence's tokens, then over sequences; per_token: mean over all tokens; per_seq_sum: "
+        "each sequence's token sum divided by rollout_config.max_new_tokens, then mean over sequences (Dr. GRPO).",
     )
 
 
@@ -170,7 +267,10 @@ class DataParallel:
 
     size: int = option(1, "Data-parallel ranks (one GPU each).", minimum=1)
     mode: Literal["ddp", "deepspeed"] = option(
-        "ddp", "ddp: torch DistributedDataParallel; deepspeed: DeepSpeed with this model's deepspeed_config."
+        "ddp",
+        "ddp: torch DistributedDataParallel (a frozen reference or reward: a whole copy on every rank); deepspeed: "
+        "DeepSpeed with this model's deepspeed_config (reference and reward: ZeRO-3 inference, the weights sharded "
+        "over the role's ranks, so that a model too large for one GPU fits).",
     )
 
 
@@ -212,12 +312,27 @@ class TrainerConfig:
     deepspeed_config: dict[str, Any] | None = option(
         None,
         "DeepSpeed config, passed verbatim, for data.mode deepspeed; needs zero_optimization.stage. "
-        "Batch keys (train_batch_size, ...) are derived from train_config when left out.",
+        "Batch keys (train_batch_size, ...) are derived from train_config when left out. Reference and reward: "
+        "stage 3 only (stages 0-2 shard nothing a frozen model holds) and no optimizer; batch keys derived from "
+        "their inference micro batch (ref_micro_bs, reward_micro_bs) with one accumulation step, and bf16/fp16 "
+        "from the model's torch_dtype when both are left out.",
     )
     torch_dtype: Dtype | None = option(
         None,
         "Weight dtype, where XTuner's configs put it (XTuner loads with this one and never reads the model-level "
         "torch_dtype); wins over the model-level key, and a different model-level value is warned about.",
+    )
+    envs: dict[str, str] = option(
+        doc="Environment variables for this model's processes, set before Python starts: on Slurm with env in front "
+        "of the worker on its component's srun line, in --local in each rank's environment. Ranks that run several "
+        "roles (a hetjob component: actor and critic, reference and reward; a shared generator takes the actor's) "
+        "get the union, and two values for one variable there are an error. A one-process --local run sets the "
+        "union of all roles in its own environment before the models load (after torch is imported), or runs one "
+        "process per rank when roles of different components disagree. Names are shell variable names, not the "
+        "launcher's own (RLHF_*, SLURM_*, MASTER_ADDR, ...); values are strings, shell-quoted.",
+        factory=dict,
+        propertyNames={"pattern": r"^[A-Za-z_][A-Za-z0-9_]*$"},
+        additionalProperties={"type": "string"},
     )
     gradient_checkpointing: bool = option(
         False,
@@ -278,6 +393,13 @@ class ModelConfig:
         "one is refused; a critic without one starts from a new head.",
         pattern=r"^[A-Za-z_][\w.]*$",
     )
+    tokenizer_config: TokenizerConfig | None = option(
+        None,
+        "This model's own tokenizer, when it differs from the job's (e.g. a reward model with another vocabulary or "
+        "chat template: it then scores the conversation, prompt messages and decoded response, rendered with this "
+        "tokenizer's chat template). tokenizer_path defaults to this model's model_path. Default: the top-level "
+        "tokenizer_config. The actor's sets the policy's tokenizer; the reference and critic read the policy's token ids.",
+    )
     trainer_config: TrainerConfig = section(TrainerConfig, "How this model is run.")
 
     def load_dtype(self) -> str:
@@ -327,30 +449,33 @@ class ModelConfigs:
 class DatasetConfig:
     """Prompt datasets and how each rollout batch is drawn from them."""
 
-    num_samples_each_epoch: int = option(64, "Prompts per PPO step (the rollout batch).", minimum=1)
+    num_samples_each_epoch: int = option(
+        64,
+        "Prompts per PPO step (the rollout batch). Each role splits it over its data-parallel ranks in contiguous "
+        "shares that differ by at most one (512 over 3 ranks: 171, 171, 170); at least one per rank.",
+        minimum=1,
+    )
     max_seq_len: int = option(
         1024, "Most prompt tokens; longer prompts keep their last max_seq_len tokens.", minimum=1
     )
     random_seed: int = option(1024, "Seed of the prompt order and the dataset mix.")
     ppo_datas: list[str] = option(
-        doc="Prompt sources '<source>::<weight>' (weight defaults to 1): a Hugging Face dataset from the local cache "
-        "(e.g. 'Anthropic/hh-rlhf/helpful-base', repo then data_dir) or a local .jsonl/.json/.parquet "
-        "file or folder. Weights (> 0) are normalised into a mix.",
+        doc="Prompt sources '<source>::<weight>[META]:<name>[REWARD_META]:<name>' (weight defaults to 1; both suffixes "
+        "optional): a Hugging Face dataset from the local cache (e.g. 'Anthropic/hh-rlhf/helpful-base', repo then "
+        "data_dir) or a local .jsonl/.json/.parquet file or folder. Weights (> 0) are normalised into a mix. [META] "
+        "opens each prompt of the source with that system prompt for the policy, [REWARD_META] for the reward model "
+        "(else it reads the prompt as the policy did); either replaces a system message the record opens with.",
         minItems=1,
     )
-
-
-@dataclass(kw_only=True)
-class TokenizerConfig:
-    """Tokenizer overrides: which tokenizer, its special tokens and chat template."""
-
-    tokenizer_path: str | None = option(None, "Tokenizer to load. Default: the actor's model_path.")
-    pad_token_id: int | None = option(None, "Override the tokenizer's padding token.", minimum=0)
-    eos_token_id: int | None = option(None, "Override the tokenizer's end-of-sequence token.", minimum=0)
-    padding_side: Literal["left"] = option(
-        "left", "Prompts are left-padded so that generation continues right after them."
+    system_prompts: dict[str, str] = option(
+        doc="Named system prompts for the '[META]:<name>' (policy input) and '[REWARD_META]:<name>' (reward model "
+        "input) suffixes of ppo_datas entries. Added to, and overriding, the built-in table, which has XTuner's "
+        "names: default, helpful, harmless, hhh, summarization, reddit, latex, math_ci (with this project's texts). "
+        "A name the table lacks is a spec error.",
+        factory=dict,
+        propertyNames={"pattern": r"^[A-Za-z0-9_.-]+$"},
+        additionalProperties={"type": "string"},
     )
-    chat_template: str | None = option(None, "Jinja chat template replacing the tokenizer's.")
 
 
 # --------------------------------------------------------------------------- launcher
@@ -365,7 +490,13 @@ class SlurmConfig:
         None, "Time limit, in a Slurm format: MM, HH:MM:SS or D-HH:MM:SS.",
         pattern=r"^(\d+-)?\d+(:\d{1,2}){0,2}$",
     )
-    gpus_per_node: int = option(8, "GPUs on each node; ranks are packed onto nodes of this size.", minimum=1)
+    gpus_per_node: int = option(
+        8,
+        "GPUs on each node; ranks are packed onto nodes of this size. A component (trainer, inference, generator) "
+        "takes equal nodes when its GPUs split so (12 on 8-GPU nodes: 6 + 6), else full nodes and the rest on one "
+        "more (20: 8 + 8 + 4, submitted as --nodes=3 --ntasks=20 with at most 8 per node).",
+        minimum=1,
+    )
     gpu_memory_gb: float = option(80, "Memory of one GPU in GiB, for the plan's memory check.", exclusiveMinimum=0)
     cpus_per_gpu: int = option(8, "CPU cores per rank (one rank per GPU).", minimum=1)
     mem: str | None = option(
@@ -422,6 +553,9 @@ class JobSpec:
     train_config: TrainConfig = section(TrainConfig, "The PPO update.")
     model_configs: ModelConfigs = option(doc="The four models.")
     dataset_config: DatasetConfig = option(doc="Prompt datasets and how each rollout batch is drawn.")
+    pretrain_dataset_config: PretrainDatasetConfig | None = option(
+        None, "Pretraining text for PPO-ptx; needed when train_config.pretrain_loss_weight > 0."
+    )
     tokenizer_config: TokenizerConfig = section(TokenizerConfig, "Tokenizer overrides.")
 
     def to_dict(self) -> dict[str, Any]:
@@ -442,6 +576,10 @@ class JobSpec:
     def train_minibatch(self, role: str) -> int:
         """Sequences per optimizer step of a trained role, over all of its data-parallel ranks."""
         return self.train_config.ppo_minibatch if role == "actor" else self.train_config.value_minibatch
+
+    def rollout_size(self) -> int:
+        """Sequences in each step's rollout: num_samples_each_epoch prompts x n_samples_per_prompt responses each."""
+        return self.dataset_config.num_samples_each_epoch * self.rollout_config.n_samples_per_prompt
 
     def inference_micro_batch(self, role: str) -> int:
         """Sequences per forward pass when a role scores a rollout; for the generator, prompts

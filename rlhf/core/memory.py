@@ -1,7 +1,8 @@
 """Peak GPU memory per rank of each role, estimated from the model's size and the spec.
 
 An estimate to catch layouts that cannot fit before waiting in a queue, not a promise:
-  weights     params x bytes, split over data ranks by ZeRO-3 and over tensor ranks;
+  weights     params x bytes, split over data ranks by ZeRO-3 (plus, for a frozen model, the one layer a
+              forward gathers whole) and over tensor ranks;
   gradients   params x bytes, split over data ranks by ZeRO-2 and up;
   optimizer   AdamW moments (2 x param bytes), or with DeepSpeed bf16/fp16 12 bytes per
               parameter (fp32 master copy and moments), split over data ranks by ZeRO-1 and up;
@@ -113,11 +114,24 @@ def training(model: ModelConfig, shape: ModelShape, spec: JobSpec, micro: int, l
     return max(train, generating, key=lambda m: m.total_gib)
 
 
+def gathered_params(shape: ModelShape) -> float:
+    """Parameters ZeRO-3 holds whole at once beyond a rank's shard in a forward: the largest module it
+    gathers, a decoder layer or the embedding (or output head) matrix. A layer is counted as all
+    parameters but one embedding matrix over the layers, which errs high when the head is untied."""
+    embedding = shape.vocab * shape.hidden
+    return max((shape.params - embedding) / shape.layers, embedding)
+
+
 def inference(model: ModelConfig, shape: ModelShape, spec: JobSpec, micro: int, logits: bool) -> MemoryEstimate:
-    """Reference or reward: weights and one forward pass of a micro batch (one layer's activations live)."""
+    """Reference or reward: weights and one forward pass of a micro batch (one layer's activations live).
+    Under ZeRO-3 (data.mode deepspeed) each rank holds its 1/data share of the weights plus the module
+    being computed, gathered whole (``gathered_params``)."""
     b = _DTYPE_BYTES[model.load_dtype()]
+    weights = b * shape.params
+    if _zero_stage(model) == 3:
+        weights = weights / model.trainer_config.parallel.data.size + b * gathered_params(shape)
     acts = _activations(model, shape, spec, micro, False, logits)
-    return MemoryEstimate(b * shape.params / GIB, 0.0, 0.0, acts / GIB, 0.0)
+    return MemoryEstimate(weights / GIB, 0.0, 0.0, acts / GIB, 0.0)
 
 
 def generator(actor: ModelConfig, shape: ModelShape, spec: JobSpec) -> MemoryEstimate:

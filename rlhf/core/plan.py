@@ -60,8 +60,10 @@ class RolePlan:
 
 @dataclass
 class ComponentPlan:
-    """One Slurm hetjob component: roles packed onto whole nodes with the same GPU count each,
-    from global rank ``first_rank`` and node ``first_node`` on."""
+    """One Slurm hetjob component: roles packed onto nodes, from global rank ``first_rank`` and node
+    ``first_node`` on. ``ranks_per_node`` lists the ranks of each node in order: all equal when the
+    GPUs split so, else full nodes of ``gpus_per_node`` and the rest on the last (e.g. 8 + 8 + 4).
+    ``envs``: the environment variables of every role on the component's ranks."""
 
     index: int
     name: str
@@ -71,6 +73,21 @@ class ComponentPlan:
     gpus_per_node: int
     first_rank: int
     first_node: int
+    ranks_per_node: list[int] = field(default_factory=list)
+    envs: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def even(self) -> bool:
+        """Whether every node of the component runs the same number of ranks."""
+        return len(set(self.ranks_per_node)) <= 1
+
+    def node_of(self, offset: int) -> int:
+        """Global node index of the component's rank ``offset`` (0-based within the component)."""
+        for i, count in enumerate(self.ranks_per_node):
+            if offset < count:
+                return self.first_node + i
+            offset -= count
+        raise ValueError(f"rank offset beyond the {self.gpus} ranks of component {self.index}")
 
     def to_json(self) -> dict[str, Any]:
         """The component as plain data."""
@@ -81,7 +98,9 @@ class ComponentPlan:
             "gpus": self.gpus,
             "nodes": self.nodes,
             "gpus_per_node": self.gpus_per_node,
+            "ranks_per_node": self.ranks_per_node,
             "first_rank": self.first_rank,
+            "envs": self.envs,
         }
 
 
@@ -131,6 +150,21 @@ class Plan:
         }
 
 
+def shard_bounds(size: int, parts: int, index: int) -> tuple[int, int]:
+    """Rows [start, stop) of shard ``index`` of ``size`` rows cut into ``parts`` contiguous shards whose
+    sizes differ by at most one, the first ones larger (512 over 3: 171, 171, 170)."""
+    per, rest = divmod(size, parts)
+    start = index * per + min(index, rest)
+    return start, start + per + (index < rest)
+
+
+def micro_steps(minibatch: int, parts: int, micro_bs: int) -> int:
+    """Micro batches every rank runs per optimizer step: those of the largest (first) share, so that
+    all ranks run the same number of forwards and backwards (their collectives must pair up)."""
+    start, stop = shard_bounds(minibatch, parts, 0)
+    return math.ceil((stop - start) / micro_bs)
+
+
 def _role_layouts(spec: JobSpec) -> list[RolePlan]:
     roles = []
     for name, model in spec.model_configs.roles().items():
@@ -151,20 +185,44 @@ def _role_layouts(spec: JobSpec) -> list[RolePlan]:
     return roles
 
 
-def _pack(gpus: int, gpus_per_node: int, multiple_of: int) -> tuple[int, int] | None:
-    """(nodes, GPUs per node) with the same count on every node, or None when impossible."""
+def _pack(gpus: int, gpus_per_node: int, multiple_of: int) -> list[int] | None:
+    """Ranks on each node: the same count on every node when the GPUs split so (12 on 8-GPU nodes:
+    6 + 6), else full nodes and the rest on the last (20: 8 + 8 + 4), each node holding whole groups
+    of ``multiple_of`` (tensor-parallel engines never span nodes); None when no node holds one group."""
     nodes = math.ceil(gpus / gpus_per_node)
     per_node, rest = divmod(gpus, nodes)
-    if rest or per_node % multiple_of:
+    if not rest and not per_node % multiple_of:
+        return [per_node] * nodes
+    full = gpus_per_node // multiple_of * multiple_of
+    if not full:
         return None
-    return nodes, per_node
+    counts = [full] * (gpus // full)
+    return counts + [gpus % full] if gpus % full else counts
+
+
+def _component_envs(spec: JobSpec, roles: list[RolePlan], comp_name: str, problems: list[Problem]) -> dict[str, str]:
+    """The union of the envs of ``roles`` (those with ranks in one component, shared ones included);
+    a variable that two of them set differently becomes a problem, as its ranks can have one value only."""
+    models = spec.model_configs.roles()
+    merged: dict[str, tuple[str, str]] = {}
+    for role in roles:
+        owner = "actor" if role.name == "generator" else role.name  # the generator's settings are the actor's
+        for name, value in models[owner].trainer_config.envs.items():
+            first = merged.setdefault(name, (owner, value))
+            if first[1] != value:
+                problems.append(error(
+                    f"model_configs.{owner}.trainer_config.envs.{name}",
+                    f"found {value!r}, but {first[0]} sets {first[1]!r} and both run in the {comp_name} component, "
+                    "whose ranks get one environment; give both the same value or remove one",
+                ))
+    return {name: value for name, (_, value) in merged.items()}
 
 
 def build_plan(spec: JobSpec) -> Plan:
     """Lay the spec's roles out on GPUs, nodes and global ranks, and estimate each one's memory.
 
-    A group that does not pack onto equal whole nodes, and an estimate above the GPU's memory,
-    become problems of the plan, not exceptions.
+    A group whose tensor-parallel engines fit on no node, variables that roles on the same ranks
+    set differently, and an estimate above the GPU's memory become problems of the plan, not exceptions.
     """
     roles = {r.name: r for r in _role_layouts(spec)}
     problems: list[Problem] = []
@@ -177,27 +235,29 @@ def build_plan(spec: JobSpec) -> Plan:
         if not gpus:
             continue
         tp = roles["generator"].tensor if comp_name == "generator" else 1
-        packed = _pack(gpus, gpn, tp)
-        if packed is None:
+        counts = _pack(gpus, gpn, tp)
+        if counts is None:
             problems.append(error(
                 "slurm.gpus_per_node",
-                f"found {gpn}: the {comp_name} group ({', '.join(r.name for r in own)}) needs {gpus} GPUs, "
-                f"which do not split into equal whole nodes{' of whole tensor-parallel groups' if tp > 1 else ''}; "
-                f"use a data size that makes {gpus} a multiple of {gpn} or at most {gpn}",
+                f"found {gpn}: the {comp_name} group ({', '.join(r.name for r in own)}) has tensor-parallel groups of {tp} GPUs, "
+                f"which do not fit on one node; use nodes of at least {tp} GPUs or a smaller tensor size",
             ))
-            packed = (math.ceil(gpus / gpn), min(gpus, gpn))
-        nodes, per_node = packed
+            counts = [min(gpus, gpn)] * math.ceil(gpus / gpn)
         index = len(components)
-        components.append(ComponentPlan(index, comp_name, [r.name for r in own], gpus, nodes, per_node, rank, node))
+        comp = ComponentPlan(index, comp_name, [r.name for r in own], gpus, len(counts), max(counts), rank, node, counts)
+        components.append(comp)
         for r in own:
             r.component, r.first_rank = index, rank
-            r.nodes = sorted({node + (rank - components[-1].first_rank + i) // per_node for i in range(r.gpus)})
+            r.nodes = sorted({comp.node_of(rank - comp.first_rank + i) for i in range(r.gpus)})
             rank += r.gpus
-        node += nodes
+        node += comp.nodes
     for r in roles.values():
         if r.shared_with:
             host = roles[r.shared_with]
             r.component, r.nodes = host.component, host.nodes
+    for comp in components:
+        members = [r for r in roles.values() if r.component == comp.index]
+        comp.envs = _component_envs(spec, members, comp.name, problems)
     _estimate_memory(spec, roles, problems)
     return Plan(list(roles.values()), components, problems)
 

@@ -9,7 +9,7 @@ silently dropped key) but the launcher's checks and messages are not needed agai
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -82,10 +82,14 @@ def resolve(spec: JobSpec, base_dir: Path) -> None:
             model.trainer_config.train_kwargs = TrainKwargs()
     for role in TRAINED:
         setattr(spec.train_config, f"{role}_micro_bs", spec.train_micro_batch(role))
+    for model in models.values():
+        own = model.tokenizer_config
+        if own is not None:
+            own.tokenizer_path = _resolve_path(own.tokenizer_path, base_dir) if own.tokenizer_path else model.model_path
     tok = spec.tokenizer_config
     tok.tokenizer_path = _resolve_path(tok.tokenizer_path, base_dir) if tok.tokenizer_path else spec.model_configs.actor.model_path
     resolved = []
     for entry in spec.dataset_config.ppo_datas:
         src = parse_source(entry)
-        resolved.append(f"{_resolve_path(src.source, base_dir)}::{src.weight:g}")
+        resolved.append(replace(src, source=_resolve_path(src.source, base_dir)).entry())
     spec.dataset_config.ppo_datas = resolved

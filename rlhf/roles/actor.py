@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -9,10 +10,19 @@ from torch import Tensor
 
 from rlhf import ppo
 from rlhf.core.config import JobSpec
+from rlhf.core.plan import micro_steps, shard_bounds
 from rlhf.models import PolicyModule, compute_in, load_causal_lm
 from rlhf.protocols import Cluster
-from rlhf.roles.common import export_pretrained, in_micro_batches, make_trainer, policy_logprobs, train_minibatches, zero3_config
-from rlhf.rollout import Batch, SamplingSettings, hf_generate, sequences
+from rlhf.roles.common import (
+    export_pretrained,
+    in_micro_batches,
+    lockstep_calls,
+    make_trainer,
+    policy_logprobs,
+    train_minibatches,
+    zero3_config,
+)
+from rlhf.rollout import Batch, SamplingSettings, hf_generate, select, sequences
 from rlhf.timing import Timer
 
 
@@ -29,40 +39,108 @@ class ActorRole:
         self.policy = PolicyModule(self.model)
         self.trainer = make_trainer(spec, "actor", self.policy, cluster, device)
         self.loss_type = cfg.trainer_config.train_kwargs.loss_type
+        self.max_len = spec.rollout_config.max_new_tokens  # per_seq_sum's constant denominator
 
     def generate(self, prompts: Batch, first_row: int, seed_of) -> Batch:
-        """Sample responses for this rank's prompts (all parameters gathered under ZeRO-3)."""
+        """Sample responses for this rank's prompts (all parameters gathered under ZeRO-3). In lockstep
+        (ZeRO-3), a rank with a smaller share of the prompts adds calls on its first prompt, whose
+        responses are dropped, until it has made as many generate calls as the largest share needs."""
+        micro = self.spec.inference_micro_batch("generator")
+        lockstep = self.trainer.generates_in_lockstep
+        ids, mask = prompts["prompt_ids"], prompts["prompt_mask"]
         with torch.no_grad(), self.trainer.gathered(), compute_in(self.policy.compute_dtype, self.model.device):
-            return hf_generate(self.model, prompts["prompt_ids"], prompts["prompt_mask"], self.sampling,
-                               self.spec.inference_micro_batch("generator"), first_row, seed_of, self.trainer.generates_in_lockstep)
+            out = hf_generate(self.model, ids, mask, self.sampling, micro, first_row, seed_of, lockstep)
+            extra = (lockstep_calls(self.spec, "generator", self.cluster, self.trainer, micro) or 0) - math.ceil(ids.shape[0] / micro)
+            for _ in range(extra):
+                hf_generate(self.model, ids[:1], mask[:1], self.sampling, micro, first_row, seed_of, lockstep)
+            return out
 
     def logprobs(self, rollout: Batch) -> Tensor:
         """Log-probs [B, R] of the rollout's response tokens under the current policy at the sampling
         temperature (the old log-probs of the PPO ratio), without grad, in micro batches."""
         fn = lambda b: policy_logprobs(self.trainer.module, b, self.sampling.temperature)  # noqa: E731
-        return in_micro_batches(fn, rollout, self.spec.inference_micro_batch("actor"))
+        micro = self.spec.inference_micro_batch("actor")
+        return in_micro_batches(fn, rollout, micro, lockstep_calls(self.spec, "actor", self.cluster, self.trainer, micro))
 
     def _loss(self, micro: Batch, num_seqs: int, num_tokens: int):
         input_ids, attention_mask = sequences(micro)
         logits = self.trainer.module(input_ids, attention_mask, micro["response_ids"].shape[1], self.sampling.temperature)
         logprobs = ppo.logprobs_from_logits(logits, micro["response_ids"])
         mask = micro["response_mask"]
+        tc, rc = self.spec.train_config, self.spec.repeater_config
         loss, stats = ppo.policy_loss(
-            logprobs, micro["old_logprobs"], micro["advantages"], mask, self.spec.train_config.policy_clip,
-            self.loss_type, num_seqs=num_seqs, num_tokens=num_tokens,
+            logprobs, micro["old_logprobs"], micro["advantages"], mask, tc.policy_clip,
+            self.loss_type, num_seqs=num_seqs, num_tokens=num_tokens, clip_eps_high=tc.policy_clip_high, max_len=self.max_len,
         )
+        if rc.kl_in == "loss":
+            # GRPO's KL term: its gradient flows through the new log-probs, the reference's are constants. Normalised
+            # like the policy term (by the whole minibatch), so micro batches and ranks still add up to the minibatch loss.
+            kl = ppo.aggregate_loss(ppo.kl_estimate(logprobs, micro["ref_logprobs"], mask, rc.kl_estimator), mask, self.loss_type,
+                                    num_seqs, num_tokens, self.max_len)
+            loss = loss + rc.kl_coeff * kl
+            stats["kl_loss"] = kl.detach()
         with torch.no_grad():
             stats["entropy"] = ppo.masked_mean(ppo.entropy_from_logits(logits), mask)
         return loss, stats
 
-    def train(self, experience: Batch, seed: int) -> dict[str, float]:
+    def ptx_loss(self, micro: Batch, num_tokens: int) -> Tensor:
+        """The language-model loss (ppo.lm_loss, before the weight) of a micro batch of pretraining text
+        (``input_ids``, ``attention_mask`` [b, T], right-padded) as its part of ``num_tokens`` predicted tokens,
+        through the trained module (so that DDP sees the forward), at temperature 1: the pretraining
+        distribution is the model's own, not the sampling one."""
+        width = max(int(micro["attention_mask"].sum(1).max()), 1)  # the micro batch's own padding only
+        input_ids, attention_mask = micro["input_ids"][:, :width], micro["attention_mask"][:, :width]
+        logits = self.trainer.module(input_ids, attention_mask, width - 1, 1.0)
+        return ppo.lm_loss(logits, input_ids, attention_mask, num_tokens)
+
+    def _ptx_update(self, batch: Batch, updates: int, update: int) -> dict[str, float]:
+        """Accumulate weight x the LM loss of optimizer step ``update``'s share of the step's pretraining ``batch``.
+
+        The N sequences are cut into ``updates`` contiguous parts (shard_bounds: sizes differ by at most one), each
+        part into the actor ranks' shares, and each share into micro batches; every rank runs the micro steps of the
+        largest share (micro_steps), a smaller share's missing ones on the part's first row with the loss x 0, so
+        that DDP's all-reduces and ZeRO-3's gathers pair up. Returns this rank's part of the unweighted LM loss."""
+        start, stop = shard_bounds(batch["input_ids"].shape[0], updates, update)
+        if stop == start:  # fewer sequences than optimizer steps: this one gets none (the same on every rank)
+            return {}
+        part = select(batch, slice(start, stop))
+        num_tokens = ppo.predicted_tokens(part["attention_mask"])
+        index, parts = self.cluster.shard_of("actor")
+        lo, hi = shard_bounds(stop - start, parts, index)
+        micro_bs = self.spec.train_micro_batch("actor")
+        weight = self.spec.train_config.pretrain_loss_weight
+        total = 0.0
+        for micro_start in range(0, micro_steps(stop - start, parts, micro_bs) * micro_bs, micro_bs):
+            padding = micro_start >= hi - lo
+            micro = select(part, slice(0, 1) if padding else slice(lo + micro_start, min(lo + micro_start + micro_bs, hi)))
+            with self.timer("forward"):
+                lm = self.ptx_loss(micro, num_tokens)
+            with self.timer("backward"):
+                self.trainer.backward(weight * lm * (0.0 if padding else 1.0))
+            if not padding:
+                total += float(lm.detach())
+        return {"ptx_loss": total}
+
+    def train(self, experience: Batch, seed: int, ptx: Batch | None = None) -> dict[str, float]:
         """PPO epochs of policy updates on this rank's share of ``experience`` (``seed`` orders the
-        minibatches); returns policy_loss, entropy, actor_lr and actor_clipfrac, actor_approx_kl,
-        actor_grad_norm, averaged over steps and ranks."""
+        minibatches); returns policy_loss (with kl_in loss, the KL term included), entropy, actor_lr and
+        actor_clipfrac, actor_approx_kl (k2 estimate of KL(pi_old || pi_new)), actor_grad_norm and, with kl_in
+        loss, actor_kl_loss (the KL term before kl_coeff, by repeater_config.kl_estimator), averaged over steps
+        and ranks.
+
+        ``ptx``: the step's whole pretraining batch (PPO-ptx, train_config.pretrain_loss_weight > 0), spread evenly
+        over the optimizer steps; each adds pretrain_loss_weight x the LM loss of its part (``_ptx_update``), and
+        actor_ptx_loss reports the unweighted LM loss averaged over the optimizer steps."""
         tc = self.spec.train_config
+        before_update = None
+        if ptx is not None:
+            ptx = {key: value.to(self.model.device) for key, value in ptx.items()}
+            size = experience["response_mask"].shape[0]
+            updates = tc.ppo_epochs * math.ceil(size / tc.ppo_minibatch)
+            before_update = lambda update: self._ptx_update(ptx, updates, update)  # noqa: E731
         stats = train_minibatches(
             self.trainer, experience, self._loss, tc.ppo_minibatch, self.spec.train_micro_batch("actor"), tc.ppo_epochs, seed, self.timer,
-            shard=self.cluster.shard_of("actor"), group=self.cluster.group("actor"),
+            shard=self.cluster.shard_of("actor"), group=self.cluster.group("actor"), before_update=before_update,
         )
         entropy = stats.pop("entropy")
         return {

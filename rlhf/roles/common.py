@@ -3,6 +3,7 @@ the minibatch / micro-batch training loop."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from torch import Tensor
 
 from rlhf import ppo
 from rlhf.core.config import JobSpec
+from rlhf.core.plan import micro_steps, shard_bounds
 from rlhf.engine import DeepSpeedTrainer, TorchTrainer, deepspeed_config
 from rlhf.models import enable_gradient_checkpointing
 from rlhf.protocols import Cluster, Trainer
@@ -62,10 +64,26 @@ def policy_logprobs(policy: torch.nn.Module, batch: Batch, temperature: float) -
 
 
 @torch.no_grad()
-def in_micro_batches(fn: Callable[[Batch], Tensor], batch: Batch, micro_bs: int) -> Tensor:
-    """``fn`` over consecutive ``micro_bs``-row slices of ``batch``, without grad, concatenated along rows."""
+def in_micro_batches(fn: Callable[[Batch], Tensor], batch: Batch, micro_bs: int, calls: int | None = None) -> Tensor:
+    """``fn`` over consecutive ``micro_bs``-row slices of ``batch``, without grad, concatenated along rows.
+
+    ``calls``: call ``fn`` that many times in all, the ones beyond the batch's slices on its first
+    slice with the result dropped; ZeRO-3 ranks with shares of different sizes need it (every forward
+    gathers parameters over all of them, so every rank must run as many)."""
     size = next(iter(batch.values())).shape[0]
-    return torch.cat([fn(select(batch, slice(s, s + micro_bs))) for s in range(0, size, micro_bs)])
+    out = torch.cat([fn(select(batch, slice(s, s + micro_bs))) for s in range(0, size, micro_bs)])
+    for _ in range((calls or 0) - math.ceil(size / micro_bs)):
+        fn(select(batch, slice(0, micro_bs)))
+    return out
+
+
+def lockstep_calls(spec: JobSpec, role: str, cluster: Cluster, trainer: Trainer, micro_bs: int) -> int | None:
+    """Inference calls every rank of ``role`` makes over its share of a rollout when its ranks must
+    run in lockstep (ZeRO-3: the micro batches of the largest share); None when they need not."""
+    if not trainer.generates_in_lockstep:
+        return None
+    _, parts = cluster.shard_of(role)
+    return micro_steps(spec.rollout_size(), parts, micro_bs)
 
 
 def minibatch_order(size: int, epochs: int, seed: int) -> list[Tensor]:
@@ -85,30 +103,46 @@ def train_minibatches(
     timer: Timer,
     shard: tuple[int, int] = (0, 1),
     group=None,
+    before_update: Callable[[int], dict[str, float]] | None = None,
 ) -> dict[str, float]:
     """PPO epochs over the experience: one optimizer step per minibatch. Each of the role's
-    ``shard[1]`` ranks takes its slice of every minibatch; gradients are accumulated over micro
-    batches whose losses are normalised by the whole minibatch's sequence and token counts, so
-    that the summed gradient is exactly that of the minibatch loss."""
+    ``shard[1]`` ranks takes its contiguous share of every minibatch (shares differ by at most one,
+    ``shard_bounds``); gradients are accumulated over micro batches whose losses are normalised by the
+    whole minibatch's sequence and token counts, so that the gradients summed over micro batches and
+    ranks are exactly that of the minibatch loss, whatever each rank's share.
+
+    Every rank runs the micro steps of the largest share: DDP all-reduces on every backward, ZeRO-3
+    gathers on every forward and DeepSpeed counts micro steps to its update, so a rank that ran fewer
+    would leave the others waiting. A smaller share's missing steps run on its first micro batch with
+    the loss multiplied by 0: collectives without any gradient.
+
+    ``before_update(u)``, when given, runs after the micro steps of optimizer step u (0-based over epochs and
+    minibatches), before the update, to accumulate further gradients (the actor's PPO-ptx term); the statistics
+    it returns, this rank's parts, are averaged over updates and summed over ranks like the loss."""
     index, parts = shard
     size = experience["response_mask"].shape[0]
-    local = minibatch // parts
+    steps_per_update = micro_steps(minibatch, parts, micro_bs)
     sums: dict[str, float] = {}
     steps = 0
     for order in minibatch_order(size, epochs, seed):
         for start in range(0, size, minibatch):
             mb = select(experience, order[start : start + minibatch])
+            rows = mb["response_mask"].shape[0]
             num_tokens = max(int(mb["response_mask"].sum()), 1)
-            mine = select(mb, slice(index * local, (index + 1) * local))
-            for micro_start in range(0, local, micro_bs):
-                micro = select(mine, slice(micro_start, micro_start + micro_bs))
+            lo, hi = shard_bounds(rows, parts, index)
+            mine = select(mb, slice(lo, hi))
+            for micro_start in range(0, steps_per_update * micro_bs, micro_bs):
+                padding = micro_start >= hi - lo
+                micro = select(mine, slice(0, micro_bs) if padding else slice(micro_start, micro_start + micro_bs))
                 with timer("forward"):
                     loss, stats = loss_fn(micro, minibatch, num_tokens)
                 with timer("backward"):
-                    trainer.backward(loss)
-                for key, value in stats.items():
-                    sums[key] = sums.get(key, 0.0) + float(value) * micro["response_mask"].shape[0] / local
-                sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+                    trainer.backward(loss * 0 if padding else loss)
+                if not padding:
+                    _add_micro_stats(sums, loss, stats, micro["response_mask"].shape[0] / rows)
+            if before_update is not None:
+                for key, value in before_update(steps).items():
+                    sums[key] = sums.get(key, 0.0) + value
             with timer("optimizer"):
                 sums["grad_norm"] = sums.get("grad_norm", 0.0) + trainer.step()
             steps += 1
@@ -116,15 +150,24 @@ def train_minibatches(
     return _reduce_over_ranks(stats, group, parts)
 
 
+def _add_micro_stats(sums: dict[str, float], loss: Tensor, stats: dict[str, Tensor], share: float) -> None:
+    """Add a micro batch's loss (a part of the minibatch loss already) and its statistics weighted by
+    its ``share`` of the minibatch's sequences: summed over micro batches and ranks, the minibatch's mean."""
+    for key, value in stats.items():
+        sums[key] = sums.get(key, 0.0) + float(value) * share
+    sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+
+
 def _reduce_over_ranks(stats: dict[str, float], group, parts: int) -> dict[str, float]:
-    """loss: the ranks' parts add up to the minibatch loss; other statistics: mean over ranks."""
+    """grad_norm: the same on every rank, so their mean; loss and the other statistics: each rank's
+    part of the minibatch's value, so their sum."""
     if group is None or parts == 1:
         return stats
     keys = sorted(stats)
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
     values = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(values, group=group)
-    return {k: float(v) if k == "loss" else float(v) / parts for k, v in zip(keys, values, strict=True)}
+    return {k: float(v) / parts if k == "grad_norm" else float(v) for k, v in zip(keys, values, strict=True)}
 
 
 def export_pretrained(trainer: Trainer, model: torch.nn.Module, directory: Path, tokenizer, is_writer: bool) -> None:

@@ -11,7 +11,7 @@ from rlhf import ppo
 from rlhf.core.config import JobSpec
 from rlhf.models import ValueModule, load_value_model
 from rlhf.protocols import Cluster
-from rlhf.roles.common import export_pretrained, in_micro_batches, make_trainer, train_minibatches, zero3_config
+from rlhf.roles.common import export_pretrained, in_micro_batches, lockstep_calls, make_trainer, train_minibatches, zero3_config
 from rlhf.rollout import Batch, sequences
 from rlhf.timing import Timer
 
@@ -35,12 +35,13 @@ class CriticRole:
 
     def values(self, rollout: Batch) -> Tensor:
         """Values [B, R] of the rollout's response tokens (the old values of the value clip), without grad, in micro batches."""
-        return in_micro_batches(self._values, rollout, self.spec.inference_micro_batch("critic"))
+        micro = self.spec.inference_micro_batch("critic")
+        return in_micro_batches(self._values, rollout, micro, lockstep_calls(self.spec, "critic", self.cluster, self.trainer, micro))
 
     def _loss(self, micro: Batch, num_seqs: int, num_tokens: int):
         return ppo.value_loss(
             self._values(micro), micro["old_values"], micro["returns"], micro["response_mask"], self.spec.train_config.value_clip,
-            self.loss_type, num_seqs=num_seqs, num_tokens=num_tokens,
+            self.loss_type, num_seqs=num_seqs, num_tokens=num_tokens, max_len=self.spec.rollout_config.max_new_tokens,
         )
 
     def train(self, experience: Batch, seed: int) -> dict[str, float]:
