@@ -19,6 +19,11 @@ Response length: TRL's default ``stop_token=None`` generates exactly ``response_
 response; ours gets the same with ``min_new_tokens = max_new_tokens = 32`` (end-of-sequence cannot be
 sampled before 32 tokens), so both systems process [8, P + 32] sequences in every forward.
 
+3. ours, GRPO: the same step with ``GRPO_OVERRIDES`` on top: the same 8 sequences per rollout as 2 prompts x
+   ``n_samples_per_prompt`` 4, ``advantage_estimator: grpo`` (no critic forward, no critic update), the KL as a k3
+   term in the actor's loss (same kl_coef), clip-higher 0.28; printed next to our PPO step's split. Skip it with
+   ``--no-grpo``. (Until the planner drops the unused critic, the GRPO job still loads one; it is never run.)
+
 TRL is imported lazily (only for phase 2); install it with
     .venv/bin/pip install -c .ci/constraints-cpu.txt trl==1.12.0
 This file lives in bench/, outside pytest's testpaths: it is a manual benchmark, not a test.
@@ -100,6 +105,17 @@ OUR_OVERRIDES = [
     "model_configs.critic.trainer_config.train_kwargs.max_grad_norm=null",
 ]
 
+# GRPO on the same sequences: BATCH rows = BATCH / GRPO_N prompts x GRPO_N samples, one group each.
+GRPO_N = 4
+GRPO_OVERRIDES = [o for o in OUR_OVERRIDES if not o.startswith("dataset_config.num_samples_each_epoch=")] + [
+    f"dataset_config.num_samples_each_epoch={BATCH // GRPO_N}",
+    f"rollout_config.n_samples_per_prompt={GRPO_N}",
+    "repeater_config.advantage_estimator=grpo",
+    "repeater_config.kl_in=loss",
+    "repeater_config.kl_estimator=k3",
+    "train_config.policy_clip_high=0.28",
+]
+
 SECTIONS = ("generate", "score", "forward", "backward", "optimizer")
 
 
@@ -153,10 +169,11 @@ def tracked_objects() -> int:
     return len(gc.get_objects())
 
 
-def load_our_spec():
+def load_our_spec(overrides: list[str] | None = None):
+    """specs/tiny_cpu.yaml with ``overrides`` (default: ``OUR_OVERRIDES``, the PPO step compared with TRL)."""
     from launcher.spec import load_spec
 
-    return load_spec(SPEC, OUR_OVERRIDES).spec
+    return load_spec(SPEC, OUR_OVERRIDES if overrides is None else overrides).spec
 
 
 # ------------------------------------------------------------------------------------------ ours
@@ -388,6 +405,25 @@ def print_results(ours: dict, trl: dict[str, dict]) -> None:
         )
 
 
+def print_grpo(ppo: dict, grpo: dict) -> None:
+    """Our GRPO step (n = GRPO_N, no critic) next to our PPO step: medians, and the mean split per section."""
+    print()
+    print(f"GRPO step (n_samples_per_prompt {GRPO_N}, advantage_estimator grpo, k3 KL in the loss, no critic) vs our PPO step,")
+    print(f"same {BATCH} sequences x {RESPONSE_LEN} response tokens, same reward model, {PPO_EPOCHS} epochs of one minibatch")
+    print(f"{'seconds (means over the timed steps)':<40}{'PPO':>9}{'GRPO':>9}{'GRPO/PPO':>10}")
+    rows = [("step (median)", ppo["times"]["median"], grpo["times"]["median"]), ("step (mean)", ppo["mean_step"], grpo["mean_step"])]
+    rows += [(name, ppo["split"][name], grpo["split"][name]) for name in SECTIONS]
+    rows.append(("orchestration overhead", ppo["overhead"], grpo["overhead"]))
+    for name, a, b in rows:
+        ratio = f"{b / a:>10.3f}" if a > 0 else f"{'-':>10}"
+        print(f"  {name:<38}{a:>9.4f}{b:>9.4f}{ratio}")
+    print("  GRPO step split: " + ", ".join(f"{name} {100 * grpo['split'][name] / grpo['mean_step']:.1f} %" for name in SECTIONS)
+          + f", overhead {100 * grpo['overhead'] / grpo['mean_step']:.1f} %")
+    print("  (score = every rollout inference forward: PPO runs actor, reference, critic and reward; GRPO no critic;"
+          " train = actor only for GRPO, actor + critic for PPO)")
+    print("  ours, GRPO: --set " + " ".join(GRPO_OVERRIDES[len(OUR_OVERRIDES) - 1:]))
+
+
 # ------------------------------------------------------------------------------------------ main
 THREADS = 2
 
@@ -400,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 warm-up + 3 timed steps")
     parser.add_argument("--threads", type=int, default=2, help="torch threads for both systems (default 2)")
     parser.add_argument("--no-trl", action="store_true", help="measure ours only")
+    parser.add_argument("--no-grpo", action="store_true", help="skip our GRPO step (n=4, no critic)")
     args = parser.parse_args(argv)
     warmup, steps = (1, 3) if args.quick else (args.warmup, args.steps)
     if steps < 1 or warmup < 0:
@@ -425,6 +462,12 @@ def main(argv: list[str] | None = None) -> int:
     ours = bench_ours(spec, warmup, steps)
     gc.unfreeze()  # PPOLoop froze the heap; TRL "as shipped" must start from an unfrozen one
     gc.collect()
+    grpo = None
+    if not args.no_grpo:
+        print(f"[GRPO] ours, GRPO n={GRPO_N}: {warmup} warm-up + {steps} timed steps ...", flush=True)
+        grpo = bench_ours(load_our_spec(GRPO_OVERRIDES), warmup, steps)
+        gc.unfreeze()
+        gc.collect()
     trl: dict[str, dict] = {}
     if not args.no_trl:
         print(f"[2/3] TRL {TRL_VERSION} as shipped ...", flush=True)
@@ -434,6 +477,8 @@ def main(argv: list[str] | None = None) -> int:
     if torch.get_num_threads() != THREADS:
         print(f"WARNING: torch threads changed to {torch.get_num_threads()} during the run")
     print_results(ours, trl)
+    if grpo is not None:
+        print_grpo(ours, grpo)
     print(
         f"\ntotal {time.perf_counter() - started:.1f} s; load avg now {os.getloadavg()[0]:.2f} "
         "(the machine is shared: compare runs only at similar load)"

@@ -11,6 +11,7 @@ from rlhf.core.config import TRAINED, JobSpec, ModelConfig, Parallel
 from rlhf.core.data_sources import parse_source
 from rlhf.core.model_shape import local_config
 from rlhf.core.model_tokenizers import RESERVED_KWARGS
+from rlhf.core.plan import planned_models, unplanned_roles
 from rlhf.core.problems import Problem, did_you_mean, error, warning
 from rlhf.core.system_prompts import describe_names, system_prompt_table
 
@@ -26,6 +27,12 @@ def check(fn: Check) -> Check:
 
 def _model(role: str) -> str:
     return f"model_configs.{role}"
+
+
+def _trained(spec: JobSpec) -> list[str]:
+    """The trained roles the plan has: the actor, and the critic only for gae. The sections of the roles the
+    algorithm does not use are ignored (``unused_sections_ignored`` says so once) and not checked here."""
+    return [role for role in TRAINED if role in planned_models(spec)]
 
 
 @check
@@ -63,7 +70,7 @@ def _unsupported_parallel(prefix: str, parallel: Parallel, tensor_ok: bool = Fal
 def parallel_layouts_supported(spec: JobSpec) -> Iterator[Problem]:
     """No pipeline or sequence parallelism anywhere, tensor parallelism only in a separate vLLM
     generator, and ddp as a generator's data mode."""
-    for role, model in spec.model_configs.roles().items():
+    for role, model in planned_models(spec).items():
         yield from _unsupported_parallel(f"{_model(role)}.trainer_config.parallel", model.trainer_config.parallel, False)
     gen = spec.model_configs.actor.generator_config
     if not gen.shared_with_trainer:
@@ -102,7 +109,7 @@ def deepspeed_configs(spec: JobSpec) -> Iterator[Problem]:
     """A deepspeed_config that names a ZeRO stage and whose batch and precision keys agree with the spec;
     for the reference and reward (inference only) ZeRO-3 without an optimizer; no deepspeed_config
     without data.mode deepspeed."""
-    for role, model in spec.model_configs.roles().items():
+    for role, model in planned_models(spec).items():
         tc = model.trainer_config
         prefix = f"{_model(role)}.trainer_config"
         mode = tc.parallel.data.mode
@@ -202,7 +209,7 @@ def _deepspeed_precision_keys(ds: dict, prefix: str) -> Iterator[Problem]:
 @check
 def only_trained_models_have_optimizers(spec: JobSpec) -> Iterator[Problem]:
     """The reference and reward models are frozen: no train_kwargs on them."""
-    for role in ("reference", "reward"):
+    for role in [r for r in ("reference", "reward") if r in planned_models(spec)]:
         if spec.model_configs.roles()[role].trainer_config.train_kwargs is not None:
             yield error(f"{_model(role)}.trainer_config.train_kwargs", f"set, but the {role} model is not trained; remove it")
 
@@ -211,7 +218,7 @@ def only_trained_models_have_optimizers(spec: JobSpec) -> Iterator[Problem]:
 def fp16_training_needs_deepspeed(spec: JobSpec) -> Iterator[Problem]:
     """float16 training needs loss scaling, which only DeepSpeed's fp16 mode does (bf16 gets
     fp32 master weights in either mode)."""
-    for role in TRAINED:
+    for role in _trained(spec):
         model = spec.model_configs.roles()[role]
         if model.load_dtype() == "float16" and model.trainer_config.parallel.data.mode != "deepspeed":
             key = "trainer_config.torch_dtype" if model.trainer_config.torch_dtype else "torch_dtype"
@@ -226,7 +233,7 @@ def fp16_training_needs_deepspeed(spec: JobSpec) -> Iterator[Problem]:
 def dtype_given_once(spec: JobSpec) -> Iterator[Problem]:
     """Warns when a model's torch_dtype and its trainer_config.torch_dtype differ: the trainer_config one is
     used, as XTuner does (it never reads the model-level key)."""
-    for role, model in spec.model_configs.roles().items():
+    for role, model in planned_models(spec).items():
         outer, inner = model.torch_dtype, model.trainer_config.torch_dtype
         if outer is not None and inner is not None and outer != inner:
             yield warning(
@@ -240,7 +247,7 @@ def dtype_given_once(spec: JobSpec) -> Iterator[Problem]:
 def checkpointing_only_where_trained(spec: JobSpec) -> Iterator[Problem]:
     """Warns when gradient_checkpointing is set on a model that is never trained (reference, reward): it saves
     activation memory of the backward pass only."""
-    for role in ("reference", "reward"):
+    for role in [r for r in ("reference", "reward") if r in planned_models(spec)]:
         if spec.model_configs.roles()[role].trainer_config.gradient_checkpointing:
             yield warning(
                 f"{_model(role)}.trainer_config.gradient_checkpointing",
@@ -251,7 +258,7 @@ def checkpointing_only_where_trained(spec: JobSpec) -> Iterator[Problem]:
 @check
 def micro_batch_sources_agree(spec: JobSpec) -> Iterator[Problem]:
     """Warns when ``train_config.<role>_micro_bs`` overrides a different ``train_kwargs.micro_bsz``."""
-    for role in TRAINED:
+    for role in _trained(spec):
         explicit = getattr(spec.train_config, f"{role}_micro_bs")
         kwargs = spec.model_configs.roles()[role].trainer_config.train_kwargs
         if explicit is not None and kwargs is not None and kwargs.micro_bsz is not None and kwargs.micro_bsz != explicit:
@@ -281,14 +288,14 @@ def batch_sizes_divide(spec: JobSpec) -> Iterator[Problem]:
     n = spec.rollout_config.n_samples_per_prompt
     what = f"the rollout batch ({rollout} = dataset_config.num_samples_each_epoch x rollout_config.n_samples_per_prompt {n})" \
         if n > 1 else f"dataset_config.num_samples_each_epoch ({rollout})"
-    for key in ("ppo_minibatch", "value_minibatch"):
+    for key in [{"actor": "ppo_minibatch", "critic": "value_minibatch"}[role] for role in _trained(spec)]:
         size = getattr(tc, key)
         if rollout % size:
             yield error(
                 f"train_config.{key}",
                 f"found {size}, expected a divisor of {what} so that every optimizer step sees the same number of sequences",
             )
-    for role in TRAINED:
+    for role in _trained(spec):
         yield from _minibatch_shares(spec, role)
     for role, dp in _data_sizes(spec).items():
         if rollout < dp:
@@ -332,7 +339,7 @@ _LAUNCHER_PREFIXES = ("RLHF_", "SLURM_")
 def envs_leave_launcher_variables_alone(spec: JobSpec) -> Iterator[Problem]:
     """trainer_config.envs may not set the variables that place a rank in the job (the rendezvous
     address, RLHF_* and SLURM_* variables): a rank given other values would not find its peers."""
-    for role, model in spec.model_configs.roles().items():
+    for role, model in planned_models(spec).items():
         for name in model.trainer_config.envs:
             if name in _LAUNCHER_VARIABLES or name.startswith(_LAUNCHER_PREFIXES):
                 yield error(
@@ -342,7 +349,7 @@ def envs_leave_launcher_variables_alone(spec: JobSpec) -> Iterator[Problem]:
 
 
 def _data_sizes(spec: JobSpec) -> dict[str, int]:
-    sizes = {role: m.trainer_config.parallel.data.size for role, m in spec.model_configs.roles().items()}
+    sizes = {role: m.trainer_config.parallel.data.size for role, m in planned_models(spec).items()}
     gen = spec.model_configs.actor.generator_config
     if not gen.shared_with_trainer:
         sizes["generator"] = gen.parallel.data.size
@@ -472,7 +479,7 @@ def model_tokenizer_settings(spec: JobSpec) -> Iterator[Problem]:
     """No ``from_pretrained_kwargs`` that the runtime sets itself, and no reward tokenizer_config that
     nothing reads (a reward_function receives texts)."""
     settings = {"tokenizer_config": spec.tokenizer_config}
-    settings.update({f"{_model(role)}.tokenizer_config": m.tokenizer_config for role, m in spec.model_configs.roles().items()
+    settings.update({f"{_model(role)}.tokenizer_config": m.tokenizer_config for role, m in planned_models(spec).items()
                      if m.tokenizer_config is not None})
     for prefix, config in settings.items():
         for key in sorted(set(config.from_pretrained_kwargs) & set(RESERVED_KWARGS)):
@@ -549,14 +556,19 @@ def ptx_has_pretraining_text(spec: JobSpec) -> Iterator[Problem]:
         )
 
 
+_TO_USE = {"critic": "set advantage_estimator: gae to train one", "reference": "set kl_coeff > 0 for a KL term"}
+
+
 @check
-def critic_used_by_estimator(spec: JobSpec) -> Iterator[Problem]:
-    """Warns that the critic is planned but neither asked nor trained: only gae uses one."""
-    name = spec.repeater_config.advantage_estimator
-    if not ESTIMATORS[name].needs_critic:
+def unused_sections_ignored(spec: JobSpec) -> Iterator[Problem]:
+    """Warns that a model section the algorithm does not use is ignored: the critic with an estimator other than
+    gae, the reference with kl_coeff 0. The plan has no such role (rlhf/core/plan.py ``unplanned_roles``); the section
+    stays required by the schema, but nothing of it is checked, loaded, saved or exported."""
+    for role, reason in unplanned_roles(spec).items():
         yield warning(
-            "model_configs.critic",
-            f"planned, but repeater_config.advantage_estimator {name} uses no critic: it is loaded and never asked nor trained",
+            _model(role),
+            f"ignored: {reason}; the plan has no {role} (no GPUs, no ranks) and nothing of this section is checked or "
+            f"loaded (its model_path need not exist), though the schema still requires it; {_TO_USE[role]}",
         )
 
 
@@ -573,7 +585,7 @@ def warm_up_leaves_ppo_steps(spec: JobSpec) -> Iterator[Problem]:
 def missing_local_models(spec: JobSpec) -> list[tuple[str, str]]:
     """(key path, folder) of each local model folder that does not exist. Runs on a resolved
     spec, where every local path is absolute."""
-    models: dict[str, ModelConfig] = spec.model_configs.roles()
+    models: dict[str, ModelConfig] = planned_models(spec)  # an ignored section's folder is never read
     return [(f"{_model(role)}.model_path", m.model_path) for role, m in models.items()
             if m.model_path and Path(m.model_path).is_absolute() and not Path(m.model_path).exists()]
 

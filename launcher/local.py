@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlhf.core.plan import Plan
+from rlhf.core.plan import Plan, planned_models
 from rlhf.worker import LAUNCHER_FD_ENV, LAUNCHER_PID_ENV
 
 STOP_GRACE_S = 10
@@ -90,8 +90,8 @@ def conflicting_envs(plan: Plan) -> str | None:
 
 def one_process_envs(spec) -> dict[str, str]:
     """The variables of every role's trainer_config.envs, for a run of all roles in this process
-    (where ``conflicting_envs`` found no variable set to two values)."""
-    return {name: value for model in spec.model_configs.roles().values() for name, value in model.trainer_config.envs.items()}
+    (where ``conflicting_envs`` found no variable set to two values); an ignored section's are not among them."""
+    return {name: value for model in planned_models(spec).values() for name, value in model.trainer_config.envs.items()}
 
 
 def one_process_blocker(spec, plan: Plan, cuda_available: Callable[[], bool] | None = None) -> str | None:
@@ -104,7 +104,7 @@ def one_process_blocker(spec, plan: Plan, cuda_available: Callable[[], bool] | N
     several = [r.name for r in plan.roles if r.gpus > 1]
     if several:
         return f"{', '.join(several)} {'runs' if len(several) == 1 else 'run'} on several ranks"
-    deepspeed = [name for name, model in spec.model_configs.roles().items() if model.trainer_config.parallel.data.mode == "deepspeed"]
+    deepspeed = [name for name, model in planned_models(spec).items() if model.trainer_config.parallel.data.mode == "deepspeed"]
     if deepspeed:
         return f"{', '.join(deepspeed)} {'uses' if len(deepspeed) == 1 else 'use'} DeepSpeed"
     gen = spec.model_configs.actor.generator_config

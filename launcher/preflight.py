@@ -43,7 +43,7 @@ from rlhf.core.checkpoint_index import KNOWN_HEADS, find_value_head, head_like_t
 from rlhf.core.config import TRAINED, JobSpec
 from rlhf.core.data_sources import LOCAL_SUFFIXES, looks_local, parse_source
 from rlhf.core.model_shape import local_config, shape_from_config
-from rlhf.core.plan import build_plan
+from rlhf.core.plan import build_plan, planned_models
 from rlhf.core.problems import Problem, error, warning
 
 SAMPLE_RECORDS = 10_000  # records parsed of a file larger than LARGE_FILE_BYTES; the rest are counted
@@ -321,8 +321,9 @@ def model_folder(pf: Preflight, key: str, model_path: str) -> Path | None:
 
 
 def check_models(pf: Preflight) -> None:
-    """Each model's config fits its role, and reward and critic checkpoints have a value head."""
-    for role, model in pf.spec.model_configs.roles().items():
+    """Each model's config fits its role, and reward and critic checkpoints have a value head; the model of a
+    role the plan does not have (an ignored section: ``unplanned_roles``) is not looked at."""
+    for role, model in planned_models(pf.spec).items():
         if not model.model_path:
             continue
         key = f"model_configs.{role}.model_path"
@@ -629,8 +630,9 @@ def encode_conversation(tokenizer, messages: Messages, chat_template: str | None
 def check_model_tokenizers(pf: Preflight, policy_tokenizer) -> None:
     """Each ``model_configs.<role>.tokenizer_config``: the tokenizer loads, its token ids are inside it, its
     model's vocabulary holds it; a reward model's renders a sample conversation with its system prompt;
-    a critic's or reference's that differs from the policy's is warned about (they read the policy's ids)."""
-    for role, model in pf.spec.model_configs.roles().items():
+    a critic's or reference's that differs from the policy's is warned about (they read the policy's ids).
+    Roles the plan does not have are skipped."""
+    for role, model in planned_models(pf.spec).items():
         if model.tokenizer_config is None or (role == "reward" and model.reward_function):
             continue
         key = f"model_configs.{role}.tokenizer_config"
@@ -823,7 +825,8 @@ def check_resume(pf: Preflight) -> None:
     if checkpoint is None:
         return
     files = (read_marker(checkpoint) or {}).get("files", [])
-    for role in TRAINED:
+    trained = [role for role in TRAINED if role in planned_models(pf.spec)]  # no critic state without a critic
+    for role in trained:
         mode = pf.spec.model_configs.roles()[role].trainer_config.parallel.data.mode
         found = f"{role}.pt" in files if mode == "ddp" else any(f.startswith(f"{role}/") for f in files)
         if not found:
@@ -845,7 +848,7 @@ def check_resume(pf: Preflight) -> None:
     except ResolvedSpecError as exc:
         pf.problems.append(warning("--resume", f"cannot tell which models wrote {checkpoint}: {exc}"))
         return
-    for role in TRAINED:
+    for role in trained:
         _compare_role(pf, role, checkpoint, written_by, old.model_configs.roles()[role], pf.spec.model_configs.roles()[role])
 
 

@@ -30,7 +30,7 @@ def _memory(role: RolePlan) -> str:
 
 def plan_table(plan: Plan, gpu_memory_gb: float, width: int = 132) -> str:
     """The plan as plain text ``width`` columns wide: a row per role (ranks, nodes, layout, estimated peak
-    GiB per GPU out of ``gpu_memory_gb``), then a line per Slurm component."""
+    GiB per GPU out of ``gpu_memory_gb``), then a line per Slurm component and one per role left out."""
     table = Table(title=f"Resource plan: {plan.total_gpus} GPUs on {plan.total_nodes} nodes, {plan.world_size} ranks", title_justify="left")
     for column in ("role", "component", "ranks", "nodes", "GPUs", "data x tensor x pipeline", f"est. peak GiB/GPU (of {gpu_memory_gb:g})"):
         table.add_column(column, overflow="fold")
@@ -52,4 +52,6 @@ def plan_table(plan: Plan, gpu_memory_gb: float, width: int = 132) -> str:
             f"component {c.index} ({c.name}): {layout}, "
             f"ranks {c.first_rank}-{c.first_rank + c.gpus - 1}: {', '.join(c.roles)}"
         )
+    for role, reason in plan.unplanned.items():
+        console.print(f"no {role}: {reason} (model_configs.{role} is ignored)")
     return out.getvalue()

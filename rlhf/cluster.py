@@ -125,8 +125,11 @@ class Distributed:
         return ranks.index(self.rank) // per_replica, data
 
     def replica_leaders(self, role: str) -> list[int]:
-        """The first global rank of each of the role's replicas, in replica order: the ranks ``gather`` reads."""
+        """The first global rank of each of the role's replicas, in replica order: the ranks ``gather`` reads;
+        none for a role the plan does not have."""
         ranks = self.topo.ranks_of(role)
+        if not ranks:
+            return []
         per_replica = len(ranks) // self.topo.plan.role(role).data
         return ranks[::per_replica]
 
@@ -153,11 +156,15 @@ class Distributed:
 
     def gather(self, role: str, local: Batch | None, keys: list[str], pad: dict[str, int] | None = None) -> Batch:
         """The ``keys`` of every replica leader's ``local`` rows, concatenated in replica order on every
-        rank; a second dimension is right-padded to the widest shard with ``pad[key]`` (default 0)."""
+        rank; a second dimension is right-padded to the widest shard with ``pad[key]`` (default 0). KeyError for a
+        role the plan does not have: the loop never asks one (a silent empty result would hide the bug)."""
+        self.topo.plan.role(role)
         return gather_from(self.replica_leaders(role), local, keys, self.device, self.everyone, self.rank, pad)
 
     def share(self, obj: Any, role: str) -> Any:
-        """A small Python object (metrics, a path) from the role's first rank to every rank."""
+        """A small Python object (metrics, a path) from the role's first rank to every rank; KeyError for a role
+        the plan does not have."""
+        self.topo.plan.role(role)
         return self.everyone.broadcast_object(obj, self.topo.ranks_of(role)[0])
 
     def barrier(self) -> None:
@@ -169,5 +176,5 @@ class Distributed:
         return self.everyone.any(flag)
 
     def is_role_leader(self, role: str) -> bool:
-        """Whether this rank is the role's first global rank."""
-        return self.topo.ranks_of(role)[0] == self.rank
+        """Whether this rank is the role's first global rank (never, for a role the plan does not have)."""
+        return self.topo.ranks_of(role)[:1] == [self.rank]

@@ -62,7 +62,10 @@ class Topology:
         return Topology(rank, world, role, role_rank, int(env.get("SLURM_LOCALID", "0")), plan)
 
     def ranks_of(self, role: str) -> list[int]:
-        """Global ranks that run ``role`` (a shared role runs on its host's ranks)."""
+        """Global ranks that run ``role`` (a shared role runs on its host's ranks); none for a role the plan
+        does not have (a critic-free estimator's critic, the reference with kl_coeff 0)."""
+        if not self.plan.has(role):
+            return []
         r = self.plan.role(role)
         host = self.plan.role(r.shared_with) if r.shared_with else r
         return list(host.ranks)

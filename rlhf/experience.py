@@ -98,14 +98,15 @@ def shape_scores(settings: ExperienceSettings, scores: Tensor, moments: RewardMo
 
 
 def make_experience(
-    settings: ExperienceSettings, rollout: Batch, old_logprobs: Tensor, ref_logprobs: Tensor, values: Tensor | None, scores: Tensor,
+    settings: ExperienceSettings, rollout: Batch, old_logprobs: Tensor, ref_logprobs: Tensor | None, values: Tensor | None, scores: Tensor,
     moments: RewardMoments,
 ) -> tuple[Batch, dict[str, float]]:
     """PPO experience and step metrics from a scored rollout.
 
     In: the rollout (prompt_ids, prompt_mask [B, P]; response_ids, response_mask [B, R]; finished [B]);
     its response tokens' log-probs under the actor (``old_logprobs``) and the reference
-    (``ref_logprobs``) and the critic's ``values`` (None when the estimator needs no critic), all [B, R];
+    (``ref_logprobs``; None when the job has no reference, kl_coeff 0: then there is no KL term at all) and the
+    critic's ``values`` (None when the estimator needs no critic), all [B, R];
     and the reward ``scores`` [B]. Scores are clipped and, with norm_rewards or reward_scale, normalised
     by the running statistics of ``moments``, which they update (shape_scores).
 
@@ -121,15 +122,17 @@ def make_experience(
     scores), reward_clipped_mean, kl (k1: mean over sequences of the summed old_logprobs - ref_logprobs,
     whatever the estimator), kl_<estimator> for k2 and k3 (the same sum of that estimator), response_len_mean
     (tokens), truncated_frac (responses without a stop token), advantage_mean and, with gae, value_mean and
-    return_mean (masked means).
+    return_mean (masked means). Without ``ref_logprobs`` the KL metrics (kl, kl_<estimator>) are left out: nothing
+    measured them, and a 0 would read as "the policy has not moved".
     """
     if settings.needs_critic and values is None:
         raise ValueError(f"advantage_estimator {settings.advantage_estimator} needs the critic's values")
     mask = rollout["response_mask"].to(old_logprobs.dtype)
     clipped, shaped = shape_scores(settings, scores, moments)
-    kl = ppo.kl_estimate(old_logprobs, ref_logprobs, mask, settings.kl_estimator)
+    has_ref = ref_logprobs is not None
+    kl = ppo.kl_estimate(old_logprobs, ref_logprobs, mask, settings.kl_estimator) if has_ref else torch.zeros_like(old_logprobs)
     # With kl_in loss the KL acts through the actor's gradient instead: none of it in the rewards.
-    kl_rewards = -settings.kl_coeff * kl if settings.kl_in == "reward" else torch.zeros_like(kl)
+    kl_rewards = -settings.kl_coeff * kl if settings.kl_in == "reward" and has_ref else torch.zeros_like(kl)
     advantages, returns = ppo.advantages_and_returns(
         settings.advantage_estimator, shaped.to(old_logprobs.dtype), kl_rewards, mask,
         values=values if settings.needs_critic else None, group_size=settings.group_size,
@@ -138,20 +141,20 @@ def make_experience(
     experience = {**rollout, "old_logprobs": old_logprobs, "advantages": advantages, "scores": scores, "score_rewards": shaped}
     if returns is not None:
         experience.update(old_values=values, returns=returns)
-    if settings.kl_in == "loss":
+    if settings.kl_in == "loss" and has_ref:  # the actor adds the KL term only when the experience carries these
         experience["ref_logprobs"] = ref_logprobs
-    seq_kl = ppo.masked_sum(old_logprobs - ref_logprobs, mask, dim=1)
     lengths = mask.sum(1)
     metrics = {
         "reward_mean": float(scores.mean()),
         "reward_std": float(scores.std()) if scores.numel() > 1 else 0.0,
         "reward_clipped_mean": float(clipped.mean()),
-        "kl": float(seq_kl.mean()),
         "response_len_mean": float(lengths.mean()),
         "truncated_frac": 1.0 - float(rollout["finished"].float().mean()),
         "advantage_mean": float(ppo.masked_mean(advantages, mask)),
     }
-    if settings.kl_estimator != "k1":
+    if has_ref:
+        metrics["kl"] = float(ppo.masked_sum(old_logprobs - ref_logprobs, mask, dim=1).mean())
+    if has_ref and settings.kl_estimator != "k1":
         metrics[f"kl_{settings.kl_estimator}"] = float(ppo.masked_sum(kl, mask, dim=1).mean())
     if returns is not None:
         metrics["value_mean"] = float(ppo.masked_mean(values, mask))

@@ -31,6 +31,7 @@ from rlhf.checkpoint import checkpoint_step, request_requeue, resolve_resume, sa
 from rlhf.cluster import SingleProcess
 from rlhf.core.config import JobSpec
 from rlhf.core.model_tokenizers import policy_tokenizer_config, tokenizer_key
+from rlhf.core.plan import unplanned_roles
 from rlhf.data import PretrainMix, PromptMix, load_tokenizer, render_prompts
 from rlhf.exchange import shard_bounds
 from rlhf.experience import ExperienceSettings, RewardMoments, make_experience
@@ -126,8 +127,14 @@ class PPOLoop:
             self.generator = make_generator(spec, self.device, self.sampling) if c.runs("generator") else None
         else:
             self.generator = self.actor
-        self.reference = ReferenceRole(spec, self.device, self.sampling.temperature) if c.runs("reference") else None
-        self.critic = CriticRole(spec, self.device, self.tokenizer.pad_token_id, self.timer, c) if c.runs("critic") else None
+        # The roles the algorithm does not use are not in the plan (rlhf/core/plan.py): neither loaded here, even in
+        # one process (SingleProcess runs every role it is asked to), nor asked, trained, saved or exported.
+        unused = unplanned_roles(spec)
+        self.uses_reference, self.uses_critic = "reference" not in unused, "critic" not in unused
+        self.reference = (ReferenceRole(spec, self.device, self.sampling.temperature)
+                          if self.uses_reference and c.runs("reference") else None)
+        self.critic = (CriticRole(spec, self.device, self.tokenizer.pad_token_id, self.timer, c)
+                       if self.uses_critic and c.runs("critic") else None)
         self.reward = RewardRole(spec, self.device, self.tokenizer) if c.runs("reward") else None
         self.moments = RewardMoments()
         self.experience_settings = ExperienceSettings.from_spec(spec)
@@ -157,9 +164,10 @@ class PPOLoop:
                 sampling_metrics = {"gen_tokens": int(rollout["response_mask"].sum())}
             with timer("score"):
                 old_logprobs = self._ask("actor", "old_logprobs", self.actor.logprobs if self.actor else None, rollout)
-                ref_logprobs = self._ask("reference", "ref_logprobs", self.reference.logprobs if self.reference else None, rollout)
-                # An estimator without a critic neither asks nor trains it (the plan may still hold the role).
-                uses_critic = self.experience_settings.needs_critic
+                # Without a reference (kl_coeff 0) there is no KL term: the experience has no ref_logprobs.
+                ref_logprobs = (self._ask("reference", "ref_logprobs", self.reference.logprobs if self.reference else None, rollout)
+                                if self.uses_reference else None)
+                uses_critic = self.uses_critic
                 values = self._ask("critic", "values", self.critic.values if self.critic else None, rollout) if uses_critic else None
                 if scores is None:  # dynamic sampling scored its rounds already
                     scores = self._ask("reward", "scores", self.reward.scores if self.reward else None, rollout)
@@ -169,7 +177,7 @@ class PPOLoop:
                 self.rollout_log.write(step, experience)
             actor_trains = step > spec.train_config.pretrain_step
             with timer("train"):
-                critic_trains = self.critic is not None and uses_critic
+                critic_trains = self.critic is not None
                 critic_stats = self.critic.train(experience, step_seed(seed, step, Stream.CRITIC_ORDER)) if critic_trains else None
                 ptx = self.pretrain.batch(step - 1) if self.pretrain is not None and actor_trains else None
                 actor_stats = (
@@ -313,7 +321,7 @@ class PPOLoop:
             self._sync_weights()
 
     def export(self) -> Path:
-        """The trained actor and critic as Hugging Face folders under RUN_DIR/final."""
+        """The trained actor and critic as Hugging Face folders under RUN_DIR/final (no final/critic without a critic)."""
         final, c = self.run_dir / "final", self.cluster
         if self.actor is not None:
             self.actor.save_pretrained(final / "actor", self.tokenizer, is_writer=c.is_role_leader("actor"))

@@ -12,7 +12,8 @@ purges the events after step k the same way.
 
 The KL statistics, by what they estimate (x = log-prob ratio of the sampled token, summed over a response):
   kl             k1 estimate of KL(pi_old || pi_ref): mean over responses of sum_t x (old actor vs reference),
-                 whatever repeater_config.kl_estimator is
+                 whatever repeater_config.kl_estimator is; absent, like kl_k2, kl_k3 and actor_kl_loss, without a
+                 reference (kl_coeff 0)
   kl_k2, kl_k3   the same sum with the spec's kl_estimator when it is k2 or k3 (the KL the reward or loss uses)
   actor_kl_loss  with kl_in loss: the KL term of the actor's loss before kl_coeff (new policy vs reference, by
                  kl_estimator, aggregated like the policy loss)

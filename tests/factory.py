@@ -187,7 +187,8 @@ def vllm_generator(data: int = 1, tensor: int = 1) -> dict[str, Any]:
 
 
 def reward_function(name: str = "rlhf.rewards:vowel_ratio") -> dict[str, Any]:
-    """Overrides replacing the reward model by a Python function (which runs on the reference ranks)."""
+    """Overrides replacing the reward model by a Python function (which runs on the reference's ranks, or on the
+    actor's when kl_coeff 0 leaves the job without a reference)."""
     return {"model_configs.reward.model_path": None, "model_configs.reward.num_params_b": None,
             "model_configs.reward.reward_function": name}
 

@@ -12,11 +12,40 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rlhf.core import memory
-from rlhf.core.config import JobSpec
+from rlhf.core.algorithms import estimator
+from rlhf.core.config import JobSpec, ModelConfig
 from rlhf.core.model_shape import model_shape
 from rlhf.core.problems import Problem, error, warning
 
 COMPONENTS = (("trainer", ("actor", "critic")), ("inference", ("reference", "reward")), ("generator", ("generator",)))
+
+
+def unplanned_roles(spec: JobSpec) -> dict[str, str]:
+    """The model roles the spec's algorithm does not use, each with the reason (which key says so).
+
+    The plan has no such role: no GPUs, no ranks, nothing loaded, saved or exported. The critic only serves
+    gae's values; the reference only serves the KL term, which is identically 0 with kl_coeff 0. Their
+    sections stay required by the schema (the spec's shape does not depend on other keys) but are ignored."""
+    out = {}
+    name = spec.repeater_config.advantage_estimator
+    if not estimator(name).needs_critic:
+        out["critic"] = f"repeater_config.advantage_estimator {name} uses no critic"
+    if spec.repeater_config.kl_coeff == 0:
+        out["reference"] = "repeater_config.kl_coeff is 0: the KL term, the reference's only use, is 0"
+    return out
+
+
+def planned_models(spec: JobSpec) -> dict[str, ModelConfig]:
+    """The model configs of the roles the plan has, by role in ROLES order: ``model_configs.roles()`` without
+    the ``unplanned_roles``. Checks and the pre-flight look at these only."""
+    unused = unplanned_roles(spec)
+    return {role: model for role, model in spec.model_configs.roles().items() if role not in unused}
+
+
+def reward_host(spec: JobSpec) -> str:
+    """The role on whose ranks a ``reward_function`` runs: the reference's when there is one (the inference
+    component), else the actor's (rank 0 on), so that a job without a reference needs no inference component."""
+    return "actor" if "reference" in unplanned_roles(spec) else "reference"
 
 
 @dataclass
@@ -106,11 +135,13 @@ class ComponentPlan:
 
 @dataclass
 class Plan:
-    """Every role's layout, the Slurm components they form, and the problems found laying them out."""
+    """Every role's layout, the Slurm components they form, and the problems found laying them out;
+    ``unplanned``: the model roles left out because the algorithm does not use them, with the reason."""
 
     roles: list[RolePlan]
     components: list[ComponentPlan]
     problems: list[Problem]
+    unplanned: dict[str, str] = field(default_factory=dict)
 
     @property
     def total_gpus(self) -> int:
@@ -127,9 +158,17 @@ class Plan:
         """Processes in the job: one per GPU."""
         return self.total_gpus
 
+    def has(self, name: str) -> bool:
+        """Whether the plan has role ``name`` (the critic and the reference may be left out: ``unplanned_roles``)."""
+        return any(r.name == name for r in self.roles)
+
     def role(self, name: str) -> RolePlan:
-        """The plan of role ``name``: actor, reference, critic, reward or generator."""
-        return next(r for r in self.roles if r.name == name)
+        """The plan of role ``name``: actor, reference, critic, reward or generator; KeyError for a role
+        the plan does not have (``has``)."""
+        for r in self.roles:
+            if r.name == name:
+                return r
+        raise KeyError(f"the plan has no {name} role (its roles: {', '.join(r.name for r in self.roles)})")
 
     def role_of_rank(self, rank: int) -> tuple[str, int]:
         """(role, rank within the role) of a global rank."""
@@ -146,6 +185,7 @@ class Plan:
             "world_size": self.world_size,
             "roles": [r.to_json() for r in self.roles],
             "components": [c.to_json() for c in self.components],
+            "unplanned": self.unplanned,
             "warnings": [p.message if not p.path else f"{p.path}: {p.message}" for p in self.problems if p.severity == "warning"],
         }
 
@@ -167,11 +207,14 @@ def micro_steps(minibatch: int, parts: int, micro_bs: int) -> int:
 
 def _role_layouts(spec: JobSpec) -> list[RolePlan]:
     roles = []
-    for name, model in spec.model_configs.roles().items():
+    for name, model in planned_models(spec).items():
         p = model.trainer_config.parallel
         role = RolePlan(name, p.data.size, p.tensor.size, p.pipeline.size, p.data.size * p.tensor.size * p.pipeline.size, None)
         if name == "reward" and model.reward_function:
-            role.gpus, role.shared_with = 0, "reference"  # a Python reward runs on the reference ranks
+            # A Python reward runs on its host's ranks, in the host's layout: every host replica scores its own
+            # shard (a layout of its own could ask for more replicas than the host has ranks).
+            host = next(r for r in roles if r.name == reward_host(spec))
+            role = RolePlan(name, host.data, host.tensor, host.pipeline, 0, None, shared_with=host.name)
         roles.append(role)
     gen = spec.model_configs.actor.generator_config
     if gen.shared_with_trainer:
@@ -230,7 +273,7 @@ def build_plan(spec: JobSpec) -> Plan:
     rank = node = 0
     gpn = spec.slurm.gpus_per_node
     for comp_name, members in COMPONENTS:
-        own = [roles[m] for m in members if roles[m].gpus > 0]
+        own = [roles[m] for m in members if m in roles and roles[m].gpus > 0]  # a component without roles disappears
         gpus = sum(r.gpus for r in own)
         if not gpus:
             continue
@@ -259,7 +302,7 @@ def build_plan(spec: JobSpec) -> Plan:
         members = [r for r in roles.values() if r.component == comp.index]
         comp.envs = _component_envs(spec, members, comp.name, problems)
     _estimate_memory(spec, roles, problems)
-    return Plan(list(roles.values()), components, problems)
+    return Plan(list(roles.values()), components, problems, unplanned_roles(spec))
 
 
 def _estimate_memory(spec: JobSpec, roles: dict[str, RolePlan], problems: list[Problem]) -> None:

@@ -72,7 +72,7 @@ class ActorRole:
             logprobs, micro["old_logprobs"], micro["advantages"], mask, tc.policy_clip,
             self.loss_type, num_seqs=num_seqs, num_tokens=num_tokens, clip_eps_high=tc.policy_clip_high, max_len=self.max_len,
         )
-        if rc.kl_in == "loss":
+        if rc.kl_in == "loss" and "ref_logprobs" in micro:  # no reference (kl_coeff 0): no KL term at all
             # GRPO's KL term: its gradient flows through the new log-probs, the reference's are constants. Normalised
             # like the policy term (by the whole minibatch), so micro batches and ranks still add up to the minibatch loss.
             kl = ppo.aggregate_loss(ppo.kl_estimate(logprobs, micro["ref_logprobs"], mask, rc.kl_estimator), mask, self.loss_type,
