@@ -27,6 +27,7 @@ from launcher.convert_map import (
     write_defaults,
 )
 from launcher.convert_notes import behaviour_notes, tokenizer_keywords
+from launcher.convert_ptx import map_pretraining
 from launcher.convert_tables import LATER
 from rlhf.core import yaml_io
 from rlhf.core.config import JobSpec
@@ -119,13 +120,14 @@ def _sections(namespace: dict[str, Any]) -> dict[str, Any]:
 
 
 def _convert_sections(spec: dict[str, Any], notes: list[str]) -> None:
-    """Every step of the conversion, in order: later spellings, refused and dropped keys, XTuner's
+    """Every step of the conversion, in order: later spellings, PPO-ptx, refused and dropped keys, XTuner's
     defaults, then notes on what behaves differently and the DeepSpeed fixes (which need the batch sizes)."""
     fmt = detect_format(spec)
     if fmt == LATER:
         from_later_format(spec, notes)
     written = {name: set(section) for name, section in spec.items() if isinstance(section, dict)}
     apply_renames(spec)
+    map_pretraining(spec, fmt, notes)  # before the minibatch defaults: it derives gen-1's prompt count
     refuse_unsupported(spec, notes)
     map_criteria(spec, notes)
     drop_ignored(spec, notes)

@@ -78,41 +78,15 @@ def _one_sample(value: Any, spec: dict) -> bool:
     return value in (None, 0, 1)
 
 
-def _no_pretrain_data(spec: dict) -> bool:
-    pretrain = spec.get("pretrain_dataset_config") or {}
-    gen1 = spec.get("dataset_config") or {}
-    later_off = not pretrain.get("message_datasets") or not pretrain.get("samples_each_epoch")
-    gen1_off = not gen1.get("pt_datas") or not gen1.get("pt_data_samples")
-    between_off = not gen1.get("pretrain_datasets") or not gen1.get("pretrain_samples_each_epoch")
-    return later_off and gen1_off and between_off
-
-
-def _ptx_off(value: Any, spec: dict) -> bool:
-    return _off(value, spec) or _no_pretrain_data(spec)
-
-
-def _section_off(value: Any, spec: dict) -> bool:
-    return not isinstance(value, dict) or not value.get("message_datasets") or not value.get("samples_each_epoch")
-
-
 def _not_resuming(value: Any, spec: dict) -> bool:
     return value is None or value <= 0
 
 
 _RESUME = "restarting at a step number (rlhf-launch resumes a run from its own checkpoints: --resume)"
-_PTX = "PPO-ptx (a pretraining loss mixed into the policy update)"
 _GROUP = "group-relative advantages (several samples per prompt)"
 
+# PPO-ptx's keys (pretrain_dataset_config, pretrain_loss_weight, pt_datas, ...) are converted by convert_ptx.
 UNSUPPORTED: dict[str, Unsupported] = {
-    "pretrain_dataset_config": Unsupported(_PTX, _section_off),
-    "train_config.pretrain_loss_weight": Unsupported(_PTX, _ptx_off),
-    "train_config.pretrain_criterion": Unsupported(_PTX, lambda v, s: _no_pretrain_data(s)),
-    "train_config.pt_criterion": Unsupported(_PTX, lambda v, s: v is None or _no_pretrain_data(s)),
-    "dataset_config.pt_datas": Unsupported(_PTX, lambda v, s: _no_pretrain_data(s)),
-    "dataset_config.pt_data_samples": Unsupported(_PTX, lambda v, s: _no_pretrain_data(s)),
-    "dataset_config.pretrain_datasets": Unsupported(_PTX, lambda v, s: _no_pretrain_data(s)),
-    "dataset_config.pretrain_samples_each_epoch": Unsupported(_PTX, lambda v, s: _no_pretrain_data(s)),
-    "dataset_config.max_pretrain_len": Unsupported(_PTX, lambda v, s: _no_pretrain_data(s)),
     "repeater_config.grpo_k": Unsupported(_GROUP, _one_sample),
     "repeater_config.loo_k": Unsupported(_GROUP, _one_sample),
     "repeater_config.use_loo": Unsupported("leave-one-out (RLOO) advantages", _off),

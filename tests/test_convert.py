@@ -150,13 +150,22 @@ GEN1 = ROOT / "tests" / "fixtures" / "xtuner" / "gen1_every_key.py"
 LATER = ROOT / "tests" / "fixtures" / "xtuner" / "later_every_key.py"
 _OFF = "which is not supported yet"
 _PTX = "PPO-ptx (a pretraining loss mixed into the policy update)"
-_DS = "model_configs.actor.trainer_config.deepspeed_config"
+_DS = "model_configs.critic.trainer_config.deepspeed_config"
+_PT_LEN = ("pretrain_dataset_config.max_seq_len: XTuner skips pretraining texts longer than this (and those of 4 tokens or fewer); "
+           "the converted run keeps their first max_seq_len tokens")
 
 GEN1_NOTES = [
     "the config imports internlm_rlhf_models, which is not installed here: it is stubbed, so its names can only be passed on "
     "(as model_class, which XTuner ignores, or as a loss object convert understands)",
-    f"dataset_config.pt_datas (a list) dropped: this value turns off {_PTX}, {_OFF}",
-    f"dataset_config.pt_data_samples (0) dropped: this value turns off {_PTX}, {_OFF}",
+    "dataset_config.num_samples_each_epoch (80): XTuner's gen-1 loader counts the 16 pretraining samples in it, so its steps had "
+    "64 prompts; written as 64",
+    "train_config.pt_criterion (null) dropped: the converted run's pretraining loss is the mean token NLL",
+    "train_config.pretrain_loss_weight: XTuner's gen-1 trainer swallows it and never trains on the pretraining samples; the "
+    f"converted run does {_PTX} as written",
+    "train_config.pretrain_loss_weight (0.5): XTuner sums per-micro-batch mean losses, so its pretraining term (4 micro batches) "
+    "weighed 0.5 x 4/16 = 0.125 against the PPO loss (16); the converted run weighs the mean token NLL by 0.5 as written: set 0.125 "
+    "for XTuner's balance",
+    _PT_LEN,
     "train_config.step_interval (1) dropped: XTuner accepts it and never uses it",
     "train_config.pt_minibatch (null) dropped: XTuner accepts it and never uses it",
     "model_configs.actor.model_class (internlm_rlhf_models.modeling.InternLM2ForCausalLM) dropped: XTuner replaces it by its own "
@@ -204,16 +213,23 @@ def test_gen1_config_converts_every_key_with_one_note_each():
     # what the user wrote stays
     assert data["repeater_config"]["norm_adv"] is True and data["repeater_config"]["reward_scale"] is True
     assert "fine_grained_rm" not in data["repeater_config"] and "model_class" not in data["model_configs"]["actor"]
-    ds = data["model_configs"]["actor"]["trainer_config"]["deepspeed_config"]
+    ds = data["model_configs"]["critic"]["trainer_config"]["deepspeed_config"]
     assert ds == {"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}, "train_micro_batch_size_per_gpu": 2}
     assert data["tokenizer_config"]["from_pretrained_kwargs"] == {"use_fast": False}
     assert data["dataset_config"]["ppo_datas"] == ["Anthropic/hh-rlhf/helpful-base::1.0[META]:helpful"]
+    # gen-1's num_samples_each_epoch (80) counted the 16 pretraining samples: 64 prompts, 16 texts per step
+    assert data["dataset_config"]["num_samples_each_epoch"] == 64
+    assert data["pretrain_dataset_config"] == {
+        "pretrain_datas": ["Salesforce/wikitext::1.0"], "num_samples_each_epoch": 16, "max_seq_len": 4096, "random_seed": 110}
+    assert data["train_config"]["pretrain_loss_weight"] == 0.5 and "pt_criterion" not in data["train_config"]
 
 
 def test_gen1_config_validates_and_plans():
     loaded = validated(convert_file(GEN1), GEN1.parent)
     assert loaded.spec.repeater_config.norm_rewards and loaded.spec.rollout_config.write_to_file
-    assert loaded.spec.model_configs.actor.trainer_config.deepspeed_config["bf16"] == {"enabled": True}
+    assert loaded.spec.model_configs.critic.trainer_config.deepspeed_config["bf16"] == {"enabled": True}
+    assert loaded.spec.train_config.pretrain_loss_weight == 0.5 and loaded.spec.pretrain_dataset_config.num_samples_each_epoch == 16
+    assert loaded.spec.dataset_config.num_samples_each_epoch == 64
     assert loaded.plan.role("actor").memory is not None
 
 
@@ -221,9 +237,15 @@ LATER_NOTES = [
     "the config imports xtuner, which is not installed here: it is stubbed, so its names can only be passed on "
     "(as model_class, which XTuner ignores, or as a loss object convert understands)",
     "train_config.max_train_step: XTuner counts steps from 0 and runs while step <= 9, which is 10 steps; written as 10",
-    f"pretrain_dataset_config (a mapping) dropped: this value turns off {_PTX}, {_OFF}",
-    f"train_config.pretrain_loss_weight (0) dropped: this value turns off {_PTX}, {_OFF}",
-    f"train_config.pretrain_criterion (PretrainLoss(label_smoothing=0)) dropped: this value turns off {_PTX}, {_OFF}",
+    "pretrain_dataset_config.sample_strategy ('in_batch') dropped: each step draws every pretraining text's source at random by "
+    "the normalised weights (no per-source quota)",
+    "train_config.pretrain_criterion (PretrainLoss(label_smoothing=0)) converted to the spec's pretraining loss, the mean token NLL",
+    "pretrain_dataset_config: XTuner's later rollout fills the pretraining batch with copies of the step's last prompt instead of "
+    "the pretraining texts (a bug in envs/txt_env.py); the converted run trains on the texts",
+    "train_config.pretrain_loss_weight (0.5): XTuner sums per-micro-batch mean losses, so its pretraining term (8 micro batches) "
+    "weighed 0.5 x 8/16 = 0.25 against the PPO loss (16); the converted run weighs the mean token NLL by 0.5 as written: set 0.25 "
+    "for XTuner's balance",
+    _PT_LEN,
     f"repeater_config.grpo_k (1) dropped: this value turns off group-relative advantages (several samples per prompt), {_OFF}",
     f"repeater_config.use_loo (false) dropped: this value turns off leave-one-out (RLOO) advantages, {_OFF}",
     f"rollout_config.repeat_prompt (1) dropped: this value turns off several responses per prompt, {_OFF}",
@@ -276,7 +298,14 @@ def test_later_config_converts_to_the_spec_keys_with_one_note_each():
             "Anthropic/hh-rlhf/red-team-attempts::0.25[META]:hhh[REWARD_META]:hhh",  # XTuner's reward falls back to SYS_PROMPT
         ],
     }
-    assert "pretrain_dataset_config" not in data and "prompt_dataset_config" not in data
+    assert "prompt_dataset_config" not in data
+    assert data["pretrain_dataset_config"] == {
+        "pretrain_datas": ["Salesforce/wikitext::0.5", "./pretrain_text.json::0.5"],  # '[HF]' stripped, as for prompts
+        "num_samples_each_epoch": 32,
+        "max_seq_len": 8192,
+        "random_seed": 7,
+    }
+    assert train["pretrain_loss_weight"] == 0.5 and "pretrain_criterion" not in train
 
 
 def test_later_config_validates_and_plans():
@@ -285,6 +314,7 @@ def test_later_config_validates_and_plans():
     assert spec.train_config.max_train_step == 10 and spec.train_config.policy_clip == 0.25
     assert spec.model_configs.actor.attn_implementation == "eager"
     assert spec.model_configs.actor.trainer_config.envs == {"TOKENIZERS_PARALLELISM": "false"}
+    assert spec.train_config.pretrain_loss_weight == 0.5 and spec.pretrain_dataset_config.num_samples_each_epoch == 32
     assert loaded.plan.role("critic").memory is not None
 
 
@@ -298,8 +328,10 @@ def test_cli_converts_the_later_format_and_prints_its_notes(capsys):
 @pytest.mark.parametrize(
     "old, new, message",
     [
-        ("PRETRAIN_BATCH_SIZE = 0", "PRETRAIN_BATCH_SIZE = 32",
-         f"pretrain_dataset_config: {_PTX} is not supported yet (found a mapping); remove it"),
+        ("PretrainLoss(label_smoothing=0)", "PretrainLoss(label_smoothing=0.1)",
+         "train_config.pretrain_criterion: PretrainLoss(label_smoothing=0.1) is not supported yet; remove label_smoothing"),
+        ('message_type="pretrain",', 'message_type="prompt",',
+         "pretrain_dataset_config.message_type: found 'prompt', expected 'pretrain'"),
         ("grpo_k=1,", "grpo_k=4,", "repeater_config.grpo_k: group-relative advantages (several samples per prompt) is not supported yet"),
         ("use_loo=False,", "use_loo=True,", "repeater_config.use_loo: leave-one-out (RLOO) advantages is not supported yet"),
         ("use_loo=False,", "sum_kl=True,", "repeater_config.sum_kl: a KL penalty summed over the response is not supported yet"),
@@ -346,7 +378,7 @@ def test_a_stubbed_value_where_the_spec_needs_data_is_refused(tmp_path):
 
 def test_hand_written_spec_keeps_the_deepspeed_enable_error():
     data = convert_file(GEN1)
-    data["model_configs"]["actor"]["trainer_config"]["deepspeed_config"]["bf16"] = {"enable": True}
+    data["model_configs"]["critic"]["trainer_config"]["deepspeed_config"]["bf16"] = {"enable": True}
     with pytest.raises(SpecError, match="bf16.enable"):
         validated(data, GEN1.parent)
 
@@ -355,7 +387,7 @@ def test_agreeing_deepspeed_batch_keys_stay(tmp_path):
     text = GEN1.read_text().replace('"gradient_accumulation_steps": 8,', '"gradient_accumulation_steps": 16,')
     text = text.replace('"train_batch_size": 128,', '"train_batch_size": 64,')
     notes: list[str] = []
-    ds = convert_file(write(tmp_path, text), notes)["model_configs"]["actor"]["trainer_config"]["deepspeed_config"]
+    ds = convert_file(write(tmp_path, text), notes)["model_configs"]["critic"]["trainer_config"]["deepspeed_config"]
     assert (ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (16, 64)
     assert not any("dropped: they disagree" in note for note in notes)
 
@@ -371,3 +403,116 @@ def test_gen1_minibatch_default_above_the_batch_is_noted(tmp_path):
 def test_xtuner_norm_rewards_false_is_kept_and_true_by_default():
     assert convert_file(LATER)["repeater_config"]["norm_rewards"] is False
     assert convert_file(SEED)["repeater_config"]["norm_rewards"] is True
+
+
+# --------------------------------------------------------------------------- PPO-ptx in each of XTuner's spellings
+def _ptx_notes(notes: list[str]) -> list[str]:
+    """The notes on pretraining keys and on the prompt count, in order."""
+    keys = ("pretrain", ".pt_", "num_samples")
+    return [note for note in notes if any(key in note.split(" ")[0] for key in keys) and "never uses it" not in note]
+
+
+def test_gen1_pretraining_without_a_weight_is_dropped_but_still_counts_against_the_prompts(tmp_path):
+    """XTuner's gen-1 trainer never trained on pt_datas: no weight, no PPO-ptx; its prompts were still 80 - 16."""
+    text = GEN1.read_text().replace("    pretrain_loss_weight=0.5,\n", "")
+    notes: list[str] = []
+    data = convert_file(write(tmp_path, text), notes)
+    why = ("XTuner's gen-1 trainer never trains on pretraining samples (it has no pretraining loss); set "
+           "train_config.pretrain_loss_weight > 0 for PPO-ptx")
+    assert _ptx_notes(notes) == [
+        "dataset_config.num_samples_each_epoch (80): XTuner's gen-1 loader counts the 16 pretraining samples in it, so its steps "
+        "had 64 prompts; written as 64",
+        f"dataset_config.pt_datas (a list) dropped: {why}",
+        f"dataset_config.pt_data_samples (16) dropped: {why}",
+        f"train_config.pt_criterion (null) dropped: {why}",
+    ]
+    assert data["dataset_config"]["num_samples_each_epoch"] == 64 and "pretrain_dataset_config" not in data
+    assert "pretrain_loss_weight" not in data["train_config"]
+    validated(data, GEN1.parent)
+
+
+def test_gen1_zero_pretraining_samples_keep_every_prompt(tmp_path):
+    text = GEN1.read_text().replace('"pt_data_samples": PRETRAIN,', '"pt_data_samples": 0,')
+    notes: list[str] = []
+    data = convert_file(write(tmp_path, text), notes)
+    off = f"there is no pretraining data (or 0 samples per step), so {_PTX} is off, as in XTuner"
+    assert _ptx_notes(notes) == [
+        f"dataset_config.pt_datas (a list) dropped: {off}",
+        f"dataset_config.pt_data_samples (0) dropped: {off}",
+        f"train_config.pretrain_loss_weight (0.5) dropped: {off}",
+        f"train_config.pt_criterion (null) dropped: {off}",
+    ]
+    assert data["dataset_config"]["num_samples_each_epoch"] == 80 and "pretrain_dataset_config" not in data
+
+
+def test_in_between_spelling_counts_prompts_apart_and_defaults_the_weight(tmp_path):
+    """XTuner's commit 14ea454: prompt_/pretrain_samples_each_epoch apart, max_pretrain_len, PPOTrainer's weight 0.5."""
+    text = GEN1.read_text().replace('"num_samples_each_epoch": BATCH + PRETRAIN,', '"prompt_samples_each_epoch": BATCH,')
+    text = text.replace('"pt_datas":', '"pretrain_datasets":').replace('"pt_data_samples":', '"max_pretrain_len": 2048,\n    '
+                                                                      '"pretrain_samples_each_epoch":')
+    text = text.replace("    pretrain_loss_weight=0.5,\n    pt_criterion=None,\n", "")
+    notes: list[str] = []
+    data = convert_file(write(tmp_path, text), notes)
+    assert data["dataset_config"]["num_samples_each_epoch"] == 64
+    assert data["pretrain_dataset_config"] == {
+        "pretrain_datas": ["Salesforce/wikitext::1.0"], "num_samples_each_epoch": 16, "max_seq_len": 2048, "random_seed": 110}
+    assert data["train_config"]["pretrain_loss_weight"] == 0.5
+    assert "train_config.pretrain_loss_weight: not set; XTuner's default, 0.5, is written" in notes
+    assert not any("gen-1 loader counts" in note or "gen-1 trainer" in note for note in notes)
+    validated(data, GEN1.parent)
+
+
+def test_later_ptx_off_keeps_dropping_its_keys(tmp_path):
+    text = LATER.read_text().replace("PRETRAIN_BATCH_SIZE = 32", "PRETRAIN_BATCH_SIZE = 0")
+    notes: list[str] = []
+    data = convert_file(write(tmp_path, text), notes)
+    off = f"there is no pretraining data (or 0 samples per step), so {_PTX} is off, as in XTuner"
+    assert _ptx_notes(notes) == [
+        f"pretrain_dataset_config (a mapping) dropped: {off}",
+        f"train_config.pretrain_loss_weight (0) dropped: {off}",
+        f"train_config.pretrain_criterion (PretrainLoss(label_smoothing=0)) dropped: {off}",
+    ]
+    assert "pretrain_dataset_config" not in data and "pretrain_loss_weight" not in data["train_config"]
+    validated(data, LATER.parent)
+
+
+def test_later_weight_zero_with_data_is_dropped(tmp_path):
+    text = LATER.read_text().replace("pretrain_loss_weight=0.5 if", "pretrain_loss_weight=0.0 if")
+    notes: list[str] = []
+    data = convert_file(write(tmp_path, text), notes)
+    assert f"train_config.pretrain_loss_weight (0.0) dropped: train_config.pretrain_loss_weight is 0.0, so {_PTX} is off, " \
+           "as in XTuner" in notes
+    assert "pretrain_dataset_config" not in data
+
+
+def test_later_pretraining_batch_is_repeated_per_policy_update_in_xtuner(tmp_path):
+    """Two policy updates a step: XTuner trains on the same 32 texts in each; the spec draws 64, 32 per update."""
+    text = LATER.read_text().replace("    critic_minibatch=PROMPT_BATCH_SIZE // 2,\n",
+                                     "    critic_minibatch=PROMPT_BATCH_SIZE // 2,\n    policy_minibatch=PROMPT_BATCH_SIZE // 2,\n")
+    notes: list[str] = []
+    data = convert_file(write(tmp_path, text), notes)
+    assert data["pretrain_dataset_config"]["num_samples_each_epoch"] == 64 and data["train_config"]["ppo_minibatch"] == 32
+    assert "pretrain_dataset_config.num_samples_each_epoch: XTuner trains on the same 32 pretraining samples in each of its 2 " \
+           "policy updates per step; written as 64, 32 new ones per update" in notes
+    assert not any("XTuner sums per-micro-batch" in note for note in notes)  # 8 micro batches of each: the same balance
+    loaded = validated(data, LATER.parent)
+    assert loaded.spec.pretrain_dataset_config.num_samples_each_epoch == 64
+
+
+@pytest.mark.parametrize(
+    "fixture, old, new, message",
+    [
+        (GEN1, '"pt_data_samples": PRETRAIN,', '"pt_data_samples": 80,',
+         "dataset_config.pt_data_samples: found 80, expected fewer than num_samples_each_epoch (80)"),
+        (GEN1, '"pt_datas":', '"pretrain_samples_each_epoch": 8,\n    "pt_datas":',
+         "the config gives pretraining data in in-between and gen-1 spellings of XTuner at once; keep one"),
+        (LATER, "pretrain_criterion=PretrainLoss(label_smoothing=0)", "pretrain_criterion=PretrainLoss(0.1)",
+         "train_config.pretrain_criterion: found PretrainLoss(0.1), expected a loss object called with keywords"),
+    ],
+)
+def test_pretraining_keys_that_cannot_convert_are_refused_by_name(tmp_path, fixture, old, new, message):
+    text = fixture.read_text()
+    assert old in text
+    with pytest.raises(ConvertError) as info:
+        convert_file(write(tmp_path, text.replace(old, new, 1)))
+    assert message in str(info.value) and "\n" not in str(info.value)
