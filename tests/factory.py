@@ -324,11 +324,12 @@ def build_other_reward_model(directory: Path, vocab_size: int = 384, seed: int =
 
 # --------------------------------------------------------------------------- exactness of a feature's runs
 TIMING_SUFFIXES = ("_time_s", "gen_tokens_per_s")
+TIMING_PREFIXES = ("busy_", "util_")  # per-role busy seconds and utilization (rlhf/loop.py role_utilization)
 
 
 def without_timing(rows: list[dict]) -> list[dict]:
     """Metrics rows without the wall-clock figures, which differ between any two runs."""
-    return [{k: v for k, v in row.items() if not k.endswith(TIMING_SUFFIXES)} for row in rows]
+    return [{k: v for k, v in row.items() if not (k.endswith(TIMING_SUFFIXES) or k.startswith(TIMING_PREFIXES))} for row in rows]
 
 
 def check_resume_and_ranks(tmp_path: Path, single: Mapping[str, Any], keys: tuple[str, ...], steps: int = 3) -> list[dict]:
@@ -365,3 +366,21 @@ def check_resume_and_ranks(tmp_path: Path, single: Mapping[str, Any], keys: tupl
         for key in keys:
             assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
     return straight
+
+
+def assert_runs_agree(tmp_path: Path, changed: Mapping[str, Any], keys: tuple[str, ...], steps: int = 2, tol: float = 1e-5) -> None:
+    """The tiny spec run ``steps`` steps in one process with and without the overrides ``changed`` gives the
+    same metrics on ``keys`` to ``tol``: for settings that must change how a run computes, not what."""
+    import pytest
+
+    from rlhf.loop import run_local
+    from rlhf.metrics import read_metrics
+
+    base = {"train_config.max_train_step": steps}
+    run_local(make_spec(base), tmp_path / "reference", quiet=True)
+    run_local(make_spec({**base, **changed}), tmp_path / "changed", quiet=True)
+    expected, got = read_metrics(tmp_path / "reference"), read_metrics(tmp_path / "changed")
+    assert len(got) == len(expected) == steps
+    for a, b in zip(got, expected, strict=True):
+        for key in keys:
+            assert a[key] == pytest.approx(b[key], abs=tol), (a["step"], key)

@@ -64,3 +64,12 @@ def test_flash_attention_is_kept_where_it_can_run(monkeypatch):
     monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: False)
     assert models.attention_kernel("flash_attention_2", torch.device("cuda", 0)) == "sdpa"
     assert models.attention_kernel("eager", CPU) == "eager"
+
+
+@pytest.mark.slow
+def test_eager_and_sdpa_runs_agree(tiny_models, tmp_path):
+    """End to end, one process: every model on eager attention gives the sdpa run's metrics to 1e-5."""
+    from tests.factory import assert_runs_agree
+
+    eager = {f"model_configs.{role}.attn_implementation": "eager" for role in ("actor", "reference", "critic", "reward")}
+    assert_runs_agree(tmp_path, eager, ("reward_mean", "kl", "policy_loss", "value_loss", "entropy", "response_len_mean"))

@@ -199,3 +199,12 @@ def test_checkpointing_under_ddp_and_zero3_gives_the_same_gradients(tiny_models,
     assert set(plain) == set(checkpointed)
     for name, grad in plain.items():
         torch.testing.assert_close(checkpointed[name], grad, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_a_run_with_checkpointing_equals_one_without(tiny_models, tmp_path):
+    """End to end, one process: activation checkpointing of actor and critic changes memory, not the run."""
+    from tests.factory import assert_runs_agree
+
+    on = {f"model_configs.{role}.trainer_config.gradient_checkpointing": True for role in ("actor", "critic")}
+    assert_runs_agree(tmp_path, on, ("reward_mean", "kl", "policy_loss", "value_loss", "entropy", "response_len_mean"), tol=1e-6)
