@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlhf.metrics import read_metrics
+from rlhf.metrics import describe_utilization, read_metrics
 from rlhf.rollout_log import describe_sample, last_samples, rollouts_path
 
 JOB_FILE = "job.json"
@@ -208,6 +208,9 @@ def _run_dir_report(run_dir: Path, job_id: str | None) -> list[str]:
                 "  last metrics: "
                 + "  ".join(f"{k} {last[k]:.4g}" if isinstance(last.get(k), float) else f"{k} {last.get(k)}" for k in keys if k in last)
             )
+            utilization = describe_utilization(last)
+            if utilization:
+                lines.append(f"  utilization (busiest rank of each role, step {last.get('step')}): {utilization}")
     except (OSError, ValueError):
         pass
     lines += _sample_lines(run_dir)

@@ -73,6 +73,10 @@ class SingleProcess:
         """``flag`` itself."""
         return flag
 
+    def max_over_ranks(self, values: list[float]) -> list[float]:
+        """``values`` themselves: this is the only rank."""
+        return list(values)
+
 
 class Distributed:
     """Roles on ranks. torch's default group is this process's role (rlhf/dist.py); exchanges
@@ -174,6 +178,11 @@ class Distributed:
     def any(self, flag: bool) -> bool:
         """True on every rank when it is true on any (signals reach ranks at different times)."""
         return self.everyone.any(flag)
+
+    def max_over_ranks(self, values: list[float]) -> list[float]:
+        """The element-wise maximum over every rank of the job of ``values`` (the same length everywhere), on
+        every rank: one small all-reduce (per-role busy seconds, rlhf/loop.py)."""
+        return self.everyone.max(values)
 
     def is_role_leader(self, role: str) -> bool:
         """Whether this rank is the role's first global rank (never, for a role the plan does not have)."""

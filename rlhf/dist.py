@@ -183,11 +183,16 @@ class PeerGroup:
     def any(self, flag: bool) -> bool:
         """True on every member when ``flag`` is true on any (read back to the host, so it blocks
         like ``barrier``)."""
-        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        return bool(self.max([1.0 if flag else 0.0])[0])
+
+    def max(self, values: list[float]) -> list[float]:
+        """The element-wise maximum of every member's ``values`` (same length on all), on every member, in one
+        all-reduce; float64, so that seconds keep their digits, and read back to the host like ``barrier``."""
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
         opts = dist.AllreduceOptions()
         opts.reduceOp = dist.ReduceOp.MAX
-        self.pg.allreduce([value], opts).wait()
-        return bool(value.item())
+        self.pg.allreduce([tensor], opts).wait()
+        return tensor.tolist()
 
     def broadcast_object(self, obj, src: int):
         """A small Python object (metrics, a path); not for the hot path."""

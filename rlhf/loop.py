@@ -5,6 +5,12 @@ reward scores (each role on its own shard, gathered back in order) -> experience
 (rlhf/experience.py) -> critic and actor updates -> new weights to a separate generator ->
 metrics, and a checkpoint every save_interval steps.
 
+The scoring passes overlap: every rank first runs each scoring pass of the roles it hosts, then
+all ranks exchange the results in one fixed order (``score_passes``), so that roles on different
+ranks compute at the same time. ``RLHF_SEQUENTIAL_SCORING=1`` in a rank's environment restores
+the old order (each pass, then its exchange, role after role); the results are the same, only
+slower. It exists for bench/score_phase.py, which measures the difference.
+
 All randomness of step k derives from (run.seed, k) and, for sampling, from the global row of
 each generate call's first prompt: a run resumed at step k continues exactly as the
 uninterrupted run, and sharding the generator does not change the responses.
@@ -50,6 +56,13 @@ from rlhf.timing import Timer
 from rlhf.weight_sync import send_weights
 
 ROLLOUT_KEYS = ["prompt_ids", "prompt_mask", "response_ids", "response_mask", "finished", "prompt_index"]
+# The scoring passes, (role, result key), in the order their results are exchanged: every rank gathers
+# in this order, so it is part of what the ranks agree on.
+SCORING = (("actor", "old_logprobs"), ("reference", "ref_logprobs"), ("critic", "values"), ("reward", "scores"))
+# Roles whose busy seconds are reported (busy_<role>_s, util_<role>, score_<role>_time_s), in the order of
+# the vector the ranks reduce: every rank builds it the same way from the spec.
+BUSY_ROLES = ("generator", "actor", "reference", "critic", "reward")
+SEQUENTIAL_SCORING_ENV = "RLHF_SEQUENTIAL_SCORING"
 # Timer sections reported as <name>_time_s; forward/backward/optimizer are timed inside the trainers.
 TIMED_SECTIONS = ("step", "generate", "score", "train", "weight_sync", "forward", "backward", "optimizer")
 
@@ -72,6 +85,69 @@ def pick_device(name: str, env: dict[str, str] | None = None) -> torch.device:
             f"{env.get('CUDA_VISIBLE_DEVICES', 'unset')}): more ranks on this node than GPUs"
         )
     return torch.device("cuda", local)
+
+
+def busy(role: str) -> str:
+    """The Timer section of ``role``'s own compute on this rank (generate, its scoring pass, its update)."""
+    return f"busy/{role}"
+
+
+def scoring(role: str) -> str:
+    """The Timer section of ``role``'s scoring pass alone (also counted in ``busy(role)``)."""
+    return f"score/{role}"
+
+
+def score_passes(
+    cluster: Cluster, passes: list[tuple[str, str, Callable[[Batch], Tensor] | None]], rollout: Batch, device: torch.device,
+    timer: Timer, overlap: bool = True,
+) -> dict[str, Tensor]:
+    """Each ``(role, key, compute)`` pass's whole result, under ``key``, on every process.
+
+    ``compute`` (None where this process does not run the role) runs over this process's shard of the rollout
+    on the role's replica leaders. With ``overlap``, every pass this process runs is computed first, one after
+    another, and only then are the results gathered, in the order of ``passes``: a gather waits for the role's
+    ranks, so a rank that gathered the actor's log-probs before computing its own reference log-probs would
+    hold the reference back until the actor is done. Without ``overlap``, each pass is computed and gathered
+    in turn (the order before passes overlapped). Both give the same tensors: the same shards, micro batches
+    and gathers, only issued at other times."""
+    local: dict[str, Batch] = {}
+
+    def run(role: str, key: str, compute: Callable[[Batch], Tensor] | None) -> None:
+        if compute is not None and cluster.is_replica_leader(role):
+            with timer(busy(role)), timer(scoring(role)):
+                local[role] = {key: compute(cluster.shard(role, rollout)).to(device)}
+
+    results: dict[str, Tensor] = {}
+    if overlap:
+        for role, key, compute in passes:
+            run(role, key, compute)
+    for role, key, compute in passes:
+        if not overlap:
+            run(role, key, compute)
+        results[key] = cluster.gather(role, local.get(role), [key])[key]
+    return results
+
+
+def role_utilization(cluster: Cluster, roles: list[str], sections: dict[str, float]) -> dict[str, float]:
+    """busy_<role>_s, util_<role> and (scoring roles) score_<role>_time_s of a step from this process's Timer ``sections``,
+    each the maximum over the role's ranks, on every process: one all-reduce of a short vector.
+
+    A rank's busy seconds of a role are its ``busy(role)`` sections, its utilization those seconds over its own
+    step time (so at most 1: the sections lie inside the step); ranks that do not run a role add 0, which
+    leaves the maximum to the ranks that do."""
+    step = max(sections.get("step", 0.0), 1e-9)
+    local = [sections.get(name(role), 0.0) for name in (busy, scoring) for role in roles]
+    local += [sections.get(busy(role), 0.0) / step for role in roles]
+    top = cluster.max_over_ranks(local)
+    n = len(roles)
+    scorers = {role for role, _ in SCORING}
+    out = {}
+    for i, role in enumerate(roles):
+        out[f"busy_{role}_s"] = top[i]
+        out[f"util_{role}"] = top[2 * n + i]
+        if role in scorers:  # a generator has no scoring pass
+            out[f"score_{role}_time_s"] = top[n + i]
+    return out
 
 
 class Stream(enum.IntEnum):
@@ -131,6 +207,8 @@ class PPOLoop:
         # one process (SingleProcess runs every role it is asked to), nor asked, trained, saved or exported.
         unused = unplanned_roles(spec)
         self.uses_reference, self.uses_critic = "reference" not in unused, "critic" not in unused
+        self.busy_roles = [role for role in BUSY_ROLES if role not in unused]
+        self.overlap_scoring = os.environ.get(SEQUENTIAL_SCORING_ENV, "") != "1"
         self.reference = (ReferenceRole(spec, self.device, self.sampling.temperature)
                           if self.uses_reference and c.runs("reference") else None)
         self.critic = (CriticRole(spec, self.device, self.tokenizer.pad_token_id, self.timer, c)
@@ -163,36 +241,37 @@ class PPOLoop:
                     rollout = self._rollout(step)
                 sampling_metrics = {"gen_tokens": int(rollout["response_mask"].sum())}
             with timer("score"):
-                old_logprobs = self._ask("actor", "old_logprobs", self.actor.logprobs if self.actor else None, rollout)
-                # Without a reference (kl_coeff 0) there is no KL term: the experience has no ref_logprobs.
-                ref_logprobs = (self._ask("reference", "ref_logprobs", self.reference.logprobs if self.reference else None, rollout)
-                                if self.uses_reference else None)
-                uses_critic = self.uses_critic
-                values = self._ask("critic", "values", self.critic.values if self.critic else None, rollout) if uses_critic else None
-                if scores is None:  # dynamic sampling scored its rounds already
-                    scores = self._ask("reward", "scores", self.reward.scores if self.reward else None, rollout)
-            experience, metrics = make_experience(self.experience_settings, rollout, old_logprobs, ref_logprobs, values, scores,
-                                                  self.moments)
+                # Without a reference (kl_coeff 0) there is no KL term: the experience has no ref_logprobs; dynamic
+                # sampling scored its rounds already.
+                skip = {"reference": not self.uses_reference, "critic": not self.uses_critic, "reward": scores is not None}
+                results = self._score([role for role, _ in SCORING if not skip.get(role, False)], rollout)
+            scores = results.get("scores", scores)
+            experience, metrics = make_experience(self.experience_settings, rollout, results["old_logprobs"],
+                                                  results.get("ref_logprobs"), results.get("values"), scores, self.moments)
             if self.rollout_log is not None:
                 self.rollout_log.write(step, experience)
             actor_trains = step > spec.train_config.pretrain_step
             with timer("train"):
-                critic_trains = self.critic is not None
-                critic_stats = self.critic.train(experience, step_seed(seed, step, Stream.CRITIC_ORDER)) if critic_trains else None
+                critic_stats = actor_stats = None
+                if self.critic is not None:
+                    with timer(busy("critic")):
+                        critic_stats = self.critic.train(experience, step_seed(seed, step, Stream.CRITIC_ORDER))
                 ptx = self.pretrain.batch(step - 1) if self.pretrain is not None and actor_trains else None
-                actor_stats = (
-                    self.actor.train(experience, step_seed(seed, step, Stream.ACTOR_ORDER), ptx) if self.actor and actor_trains else None
-                )
+                if self.actor is not None and actor_trains:
+                    with timer(busy("actor")):
+                        actor_stats = self.actor.train(experience, step_seed(seed, step, Stream.ACTOR_ORDER), ptx)
             with timer("weight_sync"):
                 if self.separate_generator and actor_trains:
                     self._sync_weights()
-            if uses_critic:
+            if self.uses_critic:
                 metrics.update(c.share(critic_stats, "critic"))
             if actor_trains:
                 metrics.update(c.share(actor_stats, "actor"))
         self.step = step
         sections = timer.pop()
         metrics.update({f"{name}_time_s": sections.get(name, 0.0) for name in TIMED_SECTIONS})
+        # After the step's clock stopped: this exchange is monitoring, not part of step_time_s.
+        metrics.update(role_utilization(c, self.busy_roles, sections))
         metrics["gen_tokens_per_s"] = sampling_metrics.pop("gen_tokens") / max(sections["generate"], 1e-9)
         metrics.update(sampling_metrics)
         return metrics
@@ -217,7 +296,7 @@ class PPOLoop:
             with timer("generate"):
                 rollout = self._rollout(step, round_)
             with timer("score"):
-                scores = self._ask("reward", "scores", self.reward.scores if self.reward else None, rollout)
+                scores = self._score(["reward"], rollout)["scores"]
             rounds.append((rollout, scores))
             flags.append(ppo.informative_groups(scores.clamp(ro.clip_reward_min, ro.clip_reward_max), n).tolist())
             if sum(map(sum, flags)) >= wanted:
@@ -257,18 +336,24 @@ class PPOLoop:
             }
             # A further round's rows are seeded past the first round's, so that its responses are new draws.
             first = round_ * len(messages) + start
-            local = self.generator.generate(prompts, first, lambda row: step_seed(spec.run.seed, step, Stream.SAMPLING, row))
+            with self.timer(busy("generator")):
+                local = self.generator.generate(prompts, first, lambda row: step_seed(spec.run.seed, step, Stream.SAMPLING, row))
             # (source, record) of each row: a role that needs the prompt's messages rebuilds them from its own copy of the data.
             local["prompt_index"] = torch.tensor(picks[start:stop], dtype=torch.long, device=self.device).view(-1, 2)
             local = local if c.is_replica_leader("generator") else None
         return c.gather("generator", local, ROLLOUT_KEYS, pad={"response_ids": self.sampling.pad_id})
 
-    def _ask(self, role: str, key: str, compute: Callable[[Batch], Tensor] | None, rollout: Batch) -> Tensor:
-        """``compute`` over this process's shard of the rollout when it runs ``role``, and the
-        role's whole result on every process."""
-        c = self.cluster
-        local = {key: compute(c.shard(role, rollout)).to(self.device)} if compute is not None and c.is_replica_leader(role) else None
-        return c.gather(role, local, [key])[key]
+    def _score(self, roles: list[str], rollout: Batch) -> dict[str, Tensor]:
+        """The scoring passes of ``roles`` (in ``SCORING`` order) over the rollout, whole, on every process, by
+        result key; this process computes the shards of the roles it runs (``score_passes``)."""
+        computes = {
+            "actor": self.actor.logprobs if self.actor else None,
+            "reference": self.reference.logprobs if self.reference else None,
+            "critic": self.critic.values if self.critic else None,
+            "reward": self.reward.scores if self.reward else None,
+        }
+        passes = [(role, key, computes[role]) for role, key in SCORING if role in roles]
+        return score_passes(self.cluster, passes, rollout, self.device, self.timer, self.overlap_scoring)
 
     def _sync_weights(self) -> None:
         """The actor's new weights into the separate generator."""

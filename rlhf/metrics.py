@@ -27,6 +27,17 @@ dynamic_topped_up the dropped groups put back when max_draws rounds did not fill
 counts every round's tokens. With train_config.pretrain_loss_weight > 0 (PPO-ptx): actor_ptx_loss is the mean
 token negative log-likelihood of the pretraining text before the weight, averaged over the optimizer steps.
 
+Where the time goes, per role the job plans (generator, actor, reference, critic, reward; not an unplanned critic
+or reference): busy_<role>_s is the seconds of the step the role spent on its own compute (generate; its scoring
+forward over its shard; its PPO update; not weight sync, not waiting in exchanges), util_<role> that time over the
+step's wall-clock time, and score_<role>_time_s (scoring roles) its scoring forward alone. Each is the maximum over
+the role's ranks (its busiest rank; utilization is each rank's busy time over its own step time, so at most 1);
+every rank's figures reach rank 0 in one all-reduce after the step's clock stopped. A shared generator is its own
+role on the actor's ranks: those ranks are busy util_generator + util_actor of the step. In one process every
+role's figure is that process's. The scoring forwards overlap across ranks (rlhf/loop.py ``score_passes``), so
+score_time_s, which rank 0 measures, approaches the largest score_<role>_time_s plus the exchanges rather than their
+sum. Like the other timings these differ between any two runs.
+
 Importing this module imports neither torch nor rich: the launcher (``rlhf-launch plot``)
 reads metrics on login nodes. Only one process (rank 0) should log.
 """
@@ -83,6 +94,14 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
             raise ValueError(f"{path}:{lineno}: not a JSON object; the metrics file is damaged")
         records.append(record)
     return records
+
+
+def describe_utilization(record: Mapping[str, Any]) -> str | None:
+    """The util_<role> figures of one metrics record on one line, e.g. ``actor 62%  critic 31%  reward 9%`` (in
+    the record's order); None when the record has none (a run from before they were logged)."""
+    parts = [f"{key[len('util_'):]} {100 * value:.0f}%" for key, value in record.items()
+             if key.startswith("util_") and isinstance(value, numbers.Real) and not isinstance(value, bool)]
+    return "  ".join(parts) if parts else None
 
 
 # --------------------------------------------------------------------------- values

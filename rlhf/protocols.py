@@ -66,6 +66,9 @@ class Cluster(Protocol):
     def any(self, flag: bool) -> bool:
         """True on every process when ``flag`` is true on any."""
 
+    def max_over_ranks(self, values: list[float]) -> list[float]:
+        """The element-wise maximum of every process's ``values``, on every process."""
+
 
 class Trainer(Protocol):
     """A trained model's optimizer side: forward through ``module``, ``backward`` per micro

@@ -384,3 +384,20 @@ def assert_runs_agree(tmp_path: Path, changed: Mapping[str, Any], keys: tuple[st
     for a, b in zip(got, expected, strict=True):
         for key in keys:
             assert a[key] == pytest.approx(b[key], abs=tol), (a["step"], key)
+
+
+def join_as_rank(rank: int, world: int, store, plan):
+    """In a ``run_on_ranks`` rank: this rank's ``rlhf.cluster.Distributed`` for ``plan``, with torch's default group
+    being the rank's role (or engine) on the job's store, as ``rlhf.dist.rendezvous`` makes it."""
+    import torch
+    import torch.distributed as dist
+
+    from rlhf.cluster import Distributed
+    from rlhf.dist import Topology
+
+    role, role_rank = plan.role_of_rank(rank)
+    topo = Topology(rank, world, role, role_rank, 0, plan)
+    ranks = topo.default_group_ranks()
+    dist.init_process_group("gloo", store=dist.PrefixStore(f"rlhf/role/{role}/{ranks[0]}", store), rank=ranks.index(rank),
+                            world_size=len(ranks), timeout=datetime.timedelta(seconds=30))
+    return Distributed(topo, torch.device("cpu"), store)

@@ -11,16 +11,14 @@ both ranks of an engine share a shard.
 
 from __future__ import annotations
 
-import datetime
 import time
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from rlhf.cluster import Distributed, SingleProcess
-from rlhf.dist import Topology
-from tests.factory import layout, load, reward_function, run_on_ranks, vllm_generator
+from rlhf.cluster import SingleProcess
+from tests.factory import join_as_rank, layout, load, reward_function, run_on_ranks, vllm_generator
 
 CPU = torch.device("cpu")
 ROLES = ("actor", "critic", "reference", "reward", "generator")
@@ -80,13 +78,7 @@ def test_single_process_passes_everything_through():
 
 # --------------------------------------------------------------------------- Distributed
 def _rank_checks(rank: int, world: int, store, plan) -> dict:
-    role, role_rank = plan.role_of_rank(rank)
-    topo = Topology(rank, world, role, role_rank, 0, plan)
-    # torch's default group is this rank's role (or engine), on the job's store, as rlhf.dist.rendezvous makes it.
-    ranks = topo.default_group_ranks()
-    dist.init_process_group("gloo", store=dist.PrefixStore(f"rlhf/role/{role}/{ranks[0]}", store), rank=ranks.index(rank),
-                            world_size=len(ranks), timeout=datetime.timedelta(seconds=30))
-    c = Distributed(topo, CPU, store)
+    c = join_as_rank(rank, world, store, plan)
     batch = rollout_batch()
     out: dict = {"runs": {r for r in ROLES if c.runs(r)}, "shard_of": {}, "rows": {}, "replica_leader": {}, "gather": {}}
     for r in sorted(out["runs"]):

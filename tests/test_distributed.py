@@ -72,6 +72,9 @@ def _matches_one_process(tmp_path, sets: list[str]) -> None:
     for a, b in zip(distributed, single, strict=True):
         for key in COMPARED:
             assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
+    for row in distributed:  # every role's busiest rank, gathered to rank 0
+        for role in ("generator", "actor", "reference", "critic", "reward"):
+            assert 0.0 < row[f"util_{role}"] <= 1.05, (row["step"], role)
 
 
 @pytest.mark.slow

@@ -13,19 +13,9 @@ from rlhf.checkpoint import latest_checkpoint
 from rlhf.loop import run_local
 from rlhf.metrics import read_metrics
 from tests.conftest import ROOT
+from tests.factory import without_timing
 
 TINY = ROOT / "specs" / "tiny_cpu.yaml"
-TIMING = {
-    "weight_sync_time_s",
-    "step_time_s",
-    "generate_time_s",
-    "score_time_s",
-    "train_time_s",
-    "forward_time_s",
-    "backward_time_s",
-    "optimizer_time_s",
-    "gen_tokens_per_s",
-}
 REQUIRED = {
     "step",
     "reward_mean",
@@ -39,6 +29,9 @@ REQUIRED = {
     "generate_time_s",
     "score_time_s",
     "train_time_s",
+    "busy_actor_s",
+    "util_actor",
+    "util_reward",
 }
 
 
@@ -54,10 +47,6 @@ def test_reward_goes_up_on_the_tiny_spec(tiny_models, tmp_path):
     assert last > first + 0.2, rewards
     assert REQUIRED <= set(history[0])
     assert (tmp_path / "run" / "final" / "actor" / "config.json").exists()
-
-
-def without_timing(rows):
-    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
 
 
 def test_resumed_run_equals_an_uninterrupted_run(tiny_models, tmp_path):
