@@ -50,6 +50,13 @@ def _kept_ids(ids: list[list[int]], mask: list[list[int]]) -> list[list[int]]:
     return [[token for token, keep in zip(row, keep_row, strict=True) if keep] for row, keep_row in zip(ids, mask, strict=True)]
 
 
+def decode_rows(tokenizer, ids: Any, mask: Any) -> list[str]:
+    """The text of each row's ids where ``mask`` is 1 (tensors or nested lists), special tokens dropped: the one
+    way prompts and responses become text, for this log and for a reward function or a reward model's tokenizer."""
+    return tokenizer.batch_decode(_kept_ids(ids.tolist() if hasattr(ids, "tolist") else ids,
+                                            mask.tolist() if hasattr(mask, "tolist") else mask), skip_special_tokens=True)
+
+
 def sample_records(step: int, experience: Mapping[str, Any], tokenizer) -> list[dict]:
     """The records of one step's samples.
 
@@ -59,10 +66,9 @@ def sample_records(step: int, experience: Mapping[str, Any], tokenizer) -> list[
     missing = [k for k in ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "scores", "score_rewards") if k not in experience]
     if missing:
         raise KeyError(f"rollout log: the experience has no {', '.join(missing)}")
-    prompts = _kept_ids(experience["prompt_ids"].tolist(), experience["prompt_mask"].tolist())
     responses = _kept_ids(experience["response_ids"].tolist(), experience["response_mask"].tolist())
-    prompt_texts = tokenizer.batch_decode(prompts, skip_special_tokens=True)
-    response_texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    prompt_texts = decode_rows(tokenizer, experience["prompt_ids"], experience["prompt_mask"])
+    response_texts = decode_rows(tokenizer, experience["response_ids"], experience["response_mask"])
     scores, rewards = experience["scores"].tolist(), experience["score_rewards"].tolist()
     return [
         {
@@ -74,7 +80,7 @@ def sample_records(step: int, experience: Mapping[str, Any], tokenizer) -> list[
             "reward": _number(rewards[row]),
             "response_len": len(responses[row]),
         }
-        for row in range(len(prompts))
+        for row in range(len(prompt_texts))
     ]
 
 

@@ -22,6 +22,7 @@ from rlhf.data import PromptMix, encode_conversation, equivalent_tokenizers, loa
 from rlhf.models import load_frozen, sequence_scores
 from rlhf.rewards import accepted_fields, field_lists
 from rlhf.rollout import Batch, sequences
+from rlhf.rollout_log import decode_rows
 
 
 class RewardFunctionError(InputError, ValueError):
@@ -64,11 +65,8 @@ class RewardRole:
         return self.inference.in_micro_batches(fn, rollout, self.spec.inference_micro_batch("reward"))
 
     def _function_scores(self, rollout: Batch) -> Tensor:
-        def decode(ids: Tensor, mask: Tensor) -> list[str]:
-            return [self.tokenizer.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(ids, mask, strict=False)]
-
-        prompts = decode(rollout["prompt_ids"], rollout["prompt_mask"])
-        responses = decode(rollout["response_ids"], rollout["response_mask"])
+        prompts = decode_rows(self.tokenizer, rollout["prompt_ids"], rollout["prompt_mask"])
+        responses = decode_rows(self.tokenizer, rollout["response_ids"], rollout["response_mask"])
         scores = self.function(prompts, responses, **self._fields(rollout))
         if len(scores) != len(responses):
             raise ValueError(f"reward function returned {len(scores)} scores for {len(responses)} responses")
@@ -119,10 +117,7 @@ class RewardInputs:
         with the reward tokenizer's padding token, on the rollout's device."""
         if "prompt_index" not in rollout:
             raise ValueError("the rollout has no prompt_index: re-rendering the reward model's input needs each row's source record")
-        responses = self.policy_tokenizer.batch_decode(
-            [ids[mask.bool()].tolist() for ids, mask in zip(rollout["response_ids"], rollout["response_mask"], strict=True)],
-            skip_special_tokens=True,
-        )
+        responses = decode_rows(self.policy_tokenizer, rollout["response_ids"], rollout["response_mask"])
         picks = rollout["prompt_index"].tolist()
         rows = [self._row(rollout, i, source, index, responses[i]) for i, (source, index) in enumerate(picks)]
         return _left_padded(rows, self.tokenizer.pad_token_id, rollout["prompt_ids"].device)
