@@ -11,7 +11,7 @@ from rlhf.core.config import TRAINED, JobSpec, ModelConfig, Parallel
 from rlhf.core.data_sources import parse_source
 from rlhf.core.model_shape import local_config
 from rlhf.core.model_tokenizers import RESERVED_KWARGS
-from rlhf.core.plan import planned_models, unplanned_roles
+from rlhf.core.plan import planned_models, ptx_micro_steps, unplanned_roles
 from rlhf.core.problems import Problem, did_you_mean, error, warning
 from rlhf.core.system_prompts import describe_names, system_prompt_table
 
@@ -127,8 +127,10 @@ def deepspeed_configs(spec: JobSpec) -> Iterator[Problem]:
                 )
             elif role in TRAINED:
                 micro, total = spec.train_micro_batch(role), spec.train_minibatch(role)
-                yield from _deepspeed_batch_keys(spec, role, prefix + ".deepspeed_config", micro, total, "train_config")
+                extra = ptx_micro_steps(spec) if role == "actor" else 0
+                yield from _deepspeed_batch_keys(spec, role, prefix + ".deepspeed_config", micro, total, "train_config", extra)
                 yield from _deepspeed_precision_keys(tc.deepspeed_config, prefix + ".deepspeed_config")
+                yield from _deepspeed_master_weights(tc.deepspeed_config, model, prefix + ".deepspeed_config")
             else:
                 yield from _deepspeed_inference(spec, role, model, prefix + ".deepspeed_config")
         elif tc.deepspeed_config is not None:
@@ -183,14 +185,34 @@ def _deepspeed_inference_dtype(ds: dict, model: ModelConfig, prefix: str) -> Ite
         )
 
 
-def _deepspeed_batch_keys(spec: JobSpec, role: str, prefix: str, micro: int, total: int, source: str) -> Iterator[Problem]:
+def _deepspeed_master_weights(ds: dict, model: ModelConfig, prefix: str) -> Iterator[Problem]:
+    """A trained bf16 or fp16 model keeps fp32 master weights only with bf16 or fp16 enabled; the runtime enables
+    the model's when the config names neither (rlhf.engine.deepspeed_config), so only a config that disables it is refused."""
+    half = {"bfloat16": "bf16", "float16": "fp16"}.get(model.load_dtype())
+    named = [s for s in ("bf16", "fp16") if s in ds]
+    enabled = any(isinstance(ds[s], dict) and ds[s].get("enabled") for s in named)
+    if half is not None and named and not enabled:
+        yield error(
+            f"{prefix}.{named[0]}",
+            f"disables half precision for a trained {model.load_dtype()} model: DeepSpeed would keep no fp32 master weights "
+            f"and updates of ~lr would round away; set {half}: {{enabled: true}}, or remove {named[0]} to have it follow torch_dtype",
+        )
+
+
+def _deepspeed_batch_keys(spec: JobSpec, role: str, prefix: str, micro: int, total: int, source: str,
+                          extra_steps: int = 0) -> Iterator[Problem]:
+    """Given batch keys must be the derived ones; ``extra_steps``: the actor's PPO-ptx micro steps per update, which
+    DeepSpeed counts to its accumulation boundary too (rlhf.engine.deepspeed_config)."""
     ds = spec.model_configs.roles()[role].trainer_config.deepspeed_config
     dp = spec.model_configs.roles()[role].trainer_config.parallel.data.size
+    steps = total // (dp * micro) + extra_steps if total % (dp * micro) == 0 else None
     expected = {
         "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": total // (dp * micro) if total % (dp * micro) == 0 else None,
-        "train_batch_size": total,
+        "gradient_accumulation_steps": steps,
+        "train_batch_size": micro * steps * dp if extra_steps and steps is not None else total,
     }
+    if extra_steps:
+        source += f" with {extra_steps} PPO-ptx micro step(s) per update"
     for key, value in expected.items():
         if key in ds and value is not None and ds[key] != value:
             yield error(
@@ -531,10 +553,32 @@ def dynamic_sampling_needs_groups(spec: JobSpec) -> Iterator[Problem]:
 
 
 @check
+def staleness_needs_a_separate_generator(spec: JobSpec) -> Iterator[Problem]:
+    """An asynchronous rollout (max_staleness 1) is sampled by a generator group while the actor trains: the
+    generator must have weights of its own, and a step's responses must not depend on its own scores (as dynamic
+    sampling's rounds do)."""
+    ro = spec.rollout_config
+    if ro.max_staleness == 0:
+        return
+    if spec.model_configs.actor.generator_config.shared_with_trainer:
+        yield error(
+            "rollout_config.max_staleness",
+            "found 1 with a generator shared with the actor, expected a separate generator group: the shared one is the "
+            "actor itself, which cannot sample while it trains; set model_configs.actor.generator_config.shared_with_trainer: "
+            "false, or max_staleness: 0",
+        )
+    if ro.dynamic_sampling:
+        yield error(
+            "rollout_config.max_staleness",
+            "found 1 with rollout_config.dynamic_sampling, expected one of them: dynamic sampling scores each round "
+            "before it draws the next, so its rounds cannot run ahead of training; set max_staleness: 0 or dynamic_sampling: false",
+        )
+
+
+@check
 def ptx_has_pretraining_text(spec: JobSpec) -> Iterator[Problem]:
-    """PPO-ptx: train_config.pretrain_loss_weight > 0 needs pretrain_dataset_config, a pretrain_dataset_config
-    without a weight is unused (a warning), and a DeepSpeed actor is not supported yet (its micro-step count to the
-    update is fixed by the PPO minibatch, and the pretraining micro steps would shift it)."""
+    """PPO-ptx: train_config.pretrain_loss_weight > 0 needs pretrain_dataset_config, and a pretrain_dataset_config
+    without a weight is unused (a warning)."""
     weight = spec.train_config.pretrain_loss_weight
     if weight > 0 and spec.pretrain_dataset_config is None:
         yield error(
@@ -546,13 +590,6 @@ def ptx_has_pretraining_text(spec: JobSpec) -> Iterator[Problem]:
         yield warning(
             "pretrain_dataset_config",
             "set, but train_config.pretrain_loss_weight is 0: the text is never used; set a weight > 0 or remove it",
-        )
-    mode = spec.model_configs.actor.trainer_config.parallel.data.mode
-    if weight > 0 and mode == "deepspeed":
-        yield error(
-            "train_config.pretrain_loss_weight",
-            f"found {weight} with model_configs.actor.trainer_config.parallel.data.mode deepspeed: PPO-ptx is not supported "
-            "under DeepSpeed yet; expected data.mode ddp for the actor, or weight 0",
         )
 
 

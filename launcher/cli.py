@@ -172,6 +172,10 @@ def run_preflight(loaded, run_dir: Path, resume: str | None, local: bool, verbos
     found = preflight(loaded.spec, run_dir, resume, local)
     for problem in found.problems:
         print(problem.format(loaded.source), file=sys.stderr)
+    for exc in found.bugs:  # a check that crashed: its line above names the check and input, its traceback is for the bug report
+        import traceback
+
+        traceback.print_exception(exc)
     errors = sum(p.severity == "error" for p in found.problems)
     if errors:
         print(f"{loaded.source}: {errors} error{'s' if errors != 1 else ''} in the run's inputs; nothing was run", file=sys.stderr)
@@ -201,8 +205,29 @@ def local_gaps(spec, find_module=importlib.util.find_spec) -> str | None:
     return None
 
 
+def _lock_or_say_why(run_dir: Path):
+    """The run folder's lock (``lock_run_dir``), or None after saying on stderr which run holds it."""
+    from rlhf.run_lock import RunLocked
+
+    try:
+        return lock_run_dir(run_dir)
+    except RunLocked as exc:
+        print(f"rlhf-launch: {in_use_message(exc)}", file=sys.stderr)
+        return None
+
+
 def submit_here(loaded, files, resume: str | None) -> int:
     """Submit one heterogeneous job that runs the rendered script."""
+    lock = _lock_or_say_why(Path(files.run_dir))
+    if lock is None:
+        return EXIT_BAD_SPEC
+    # Held while spec.yaml is written and the job submitted, not after: the job starts later, and
+    # its global rank 0 locks the folder then.
+    with lock:
+        return _submit_locked(loaded, files, resume)
+
+
+def _submit_locked(loaded, files, resume: str | None) -> int:
     from launcher.render import JobFiles, render_sbatch
     from launcher.submit import SlurmError, submit
 
@@ -234,13 +259,22 @@ def submit_here(loaded, files, resume: str | None) -> int:
     return 0
 
 
-def prepare_run_dir(run_dir: Path, spec, resume: str | None) -> str | None:
-    """Create the run folder and write the resolved spec; None, or why the run must not start."""
+def previous_run(run_dir: Path, resume: str | None) -> str | None:
+    """Why a new run must not start in ``run_dir``: it holds a previous run (checkpoints or metrics) and this
+    is no --resume; else None. ``prepare_run_dir`` and the pre-flight (``--check``) apply this one rule."""
     if resume is None and ((run_dir / "checkpoints").exists() or (run_dir / "metrics.jsonl").exists()):
         return (
             f"{run_dir} already holds a run; continue it with --resume, or start another with "
             "--set run.name=NEW or --output-dir DIR"
         )
+    return None
+
+
+def prepare_run_dir(run_dir: Path, spec, resume: str | None) -> str | None:
+    """Create the run folder and write the resolved spec; None, or why the run must not start."""
+    problem = previous_run(run_dir, resume)
+    if problem:
+        return problem
     from rlhf.core import yaml_io
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -251,16 +285,27 @@ def prepare_run_dir(run_dir: Path, spec, resume: str | None) -> str | None:
 def run_dir_in_use(run_dir: Path) -> str | None:
     """Why the run folder cannot take another run now (a live run holds its lock), or None.
 
-    Only checks: the run started next takes the lock itself (rlhf/run_lock.py)."""
+    Only checks, before the slower pre-flight: ``lock_run_dir`` takes the lock before anything is
+    written (rlhf/run_lock.py)."""
     from rlhf.run_lock import RunLocked, holder
 
     found = holder(run_dir)
-    if found is None:
-        return None
-    return (
-        f"{RunLocked(run_dir, found)}; wait for it to end or stop it, "
-        "or start another run with --set run.name=NEW or --output-dir DIR"
-    )
+    return None if found is None else in_use_message(RunLocked(run_dir, found))
+
+
+def in_use_message(exc) -> str:
+    """The launcher's line for a run folder another run holds (a RunLocked)."""
+    return f"{exc}; wait for it to end or stop it, or start another run with --set run.name=NEW or --output-dir DIR"
+
+
+def lock_run_dir(run_dir: Path):
+    """Create the run folder and lock it for this launcher (a RunLock; RunLocked when another run
+    holds it), before spec.yaml is written: a second launcher must not overwrite the spec that
+    this one's ranks are about to read."""
+    from rlhf.run_lock import RunLock
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return RunLock.acquire(run_dir, take_handover=False)
 
 
 def start_line(loaded, run_dir: Path, resume: str | None, checkpoint: Path | None) -> str:
@@ -278,7 +323,18 @@ def start_line(loaded, run_dir: Path, resume: str | None, checkpoint: Path | Non
 
 def run_here(loaded, run_dir: Path, resume: str | None, processes: bool = False) -> int:
     """Train on this machine: in this process when the plan allows it and ``processes`` is not
-    asked for, else one process per rank (launcher/local.py). Returns the exit status."""
+    asked for, else one process per rank (launcher/local.py). Returns the exit status.
+
+    The launcher locks the run folder before it writes spec.yaml and holds the lock until the run
+    is over; the run's global rank 0 takes it over (rlhf/run_lock.py), so the folder is never free."""
+    lock = _lock_or_say_why(run_dir)
+    if lock is None:
+        return EXIT_BAD_SPEC
+    with lock:
+        return _run_here_locked(loaded, run_dir, resume, processes, lock)
+
+
+def _run_here_locked(loaded, run_dir: Path, resume: str | None, processes: bool, lock) -> int:
     problem = prepare_run_dir(run_dir, loaded.spec, resume)
     if problem:
         print(f"rlhf-launch: {problem}", file=sys.stderr)
@@ -308,13 +364,14 @@ def run_here(loaded, run_dir: Path, resume: str | None, processes: bool = False)
 
     try:
         if processes or blocker:
-            status = run_local_ranks(plan, run_dir / "spec.yaml", run_dir, resume, on_gpus=gpus > 0)
+            status = run_local_ranks(plan, run_dir / "spec.yaml", run_dir, resume, on_gpus=gpus > 0, lock=lock)
         else:
-            status = run_in_process(loaded.spec, run_dir, resume, threads)
+            with lock.offered():  # rlhf.loop.run, in this process, takes the lock over
+                status = run_in_process(loaded.spec, run_dir, resume, threads)
     except KeyboardInterrupt:
         print(f"rlhf-launch: interrupted; continue with --resume (run folder {run_dir})", file=sys.stderr)
         return 130
-    except RunLocked as exc:  # another run took the folder since the check above
+    except RunLocked as exc:  # not expected: the launcher holds the folder and hands its lock to the run
         print(f"rlhf-launch: {exc}", file=sys.stderr)
         return EXIT_BAD_SPEC
     except Exception as exc:  # noqa: BLE001 - the one-process run failed: one line, then a bug's traceback

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf.core.plan import Plan, planned_models
+from rlhf.run_lock import RunLock
 from rlhf.worker import LAUNCHER_FD_ENV, LAUNCHER_PID_ENV
 
 STOP_GRACE_S = 10
@@ -143,10 +144,12 @@ def _cuda_available() -> bool:
 
 
 def start_ranks(
-    plan: Plan, spec_file: Path, run_dir: Path, resume: str | None, rank0_to_terminal: bool = True, on_gpus: bool = False
+    plan: Plan, spec_file: Path, run_dir: Path, resume: str | None, rank0_to_terminal: bool = True, on_gpus: bool = False,
+    lock: RunLock | None = None,
 ) -> list[RankProcess]:
     """Start one ``rlhf.worker`` process per rank, each in a session of its own and tied to this
-    process by a pipe: the ranks exit when this process is gone (see rlhf/worker.py)."""
+    process by a pipe: the ranks exit when this process is gone (see rlhf/worker.py). Global rank 0
+    inherits ``lock`` (the launcher's lock of the run folder) and takes it over (rlhf/run_lock.py)."""
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // plan.world_size)
@@ -155,15 +158,18 @@ def start_ranks(
     # end stays with this process alone and closes when it dies, however it dies.
     read_end, write_end = os.pipe()
     link = {LAUNCHER_FD_ENV: str(read_end), LAUNCHER_PID_ENV: str(os.getpid())}
+    handover_env, handover_fds = lock.child_handover() if lock is not None else ({}, ())
     procs = []
     try:
         for rank, env in enumerate(rank_environments(plan, free_port(), threads, one_machine=on_gpus)):
             role, role_rank = plan.role_of_rank(rank)
             log = None if rank == 0 and rank0_to_terminal else logs / f"local-rank{rank}-{role}{role_rank}.log"
             out = None if log is None else open(log, "w")
+            # Rank 0 alone: it holds the lock in a run (rlhf/loop.py); in another rank it would only keep the folder locked longer.
+            lock_env, lock_fds = (handover_env, handover_fds) if rank == 0 else ({}, ())
             process = subprocess.Popen(
-                command, env={**os.environ, **env, **link}, stdout=out, stderr=subprocess.STDOUT if out else None,
-                start_new_session=True, pass_fds=(read_end,),
+                command, env={**os.environ, **env, **link, **lock_env}, stdout=out, stderr=subprocess.STDOUT if out else None,
+                start_new_session=True, pass_fds=(read_end, *lock_fds),
             )
             if out:
                 out.close()
@@ -228,9 +234,12 @@ def _raise_terminated(signum, frame):
     raise Terminated(signal.Signals(signum).name)
 
 
-def run_local_ranks(plan: Plan, spec_file: Path, run_dir: Path, resume: str | None, on_gpus: bool = False) -> int:
+def run_local_ranks(
+    plan: Plan, spec_file: Path, run_dir: Path, resume: str | None, on_gpus: bool = False, lock: RunLock | None = None
+) -> int:
     """Start every rank and wait; being terminated terminates the ranks too (they run in
-    sessions of their own, so that a Ctrl-C reaches only this process, which stops them)."""
+    sessions of their own, so that a Ctrl-C reaches only this process, which stops them).
+    ``lock``: the launcher's lock of the run folder, which global rank 0 takes over."""
     previous = {sig: signal.signal(sig, _raise_terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
     procs: list[RankProcess] = []
 
@@ -241,7 +250,7 @@ def run_local_ranks(plan: Plan, spec_file: Path, run_dir: Path, resume: str | No
 
     previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, forward_notice)
     try:
-        procs = start_ranks(plan, spec_file, run_dir, resume, on_gpus=on_gpus)
+        procs = start_ranks(plan, spec_file, run_dir, resume, on_gpus=on_gpus, lock=lock)
         return monitor(procs)
     except Terminated as exc:
         stop(procs)

@@ -17,13 +17,19 @@ returns every problem found, in the spec's one-line ``Problem`` form:
 - per-model tokenizers (``model_configs.<role>.tokenizer_config``): each loads, its token ids are in
   its vocabulary, and its model's vocabulary holds it;
 - reward function: it imports, accepts (prompts, responses) and returns one finite float per response;
-- ``--resume``: the checkpoint is complete and was written for the same models and layout;
-- output: the run folder can be created, and on Slurm it is not under a node-local /tmp.
+- ``--resume``: the checkpoint is complete, holds the state of exactly the roles this spec trains (no critic
+  for a spec without one), and was written for the same models, layout, advantage estimator and reward;
+- output: the run folder can be created, holds no previous run unless resuming (the launcher's own rule,
+  ``launcher.cli.previous_run``), and on Slurm it is not under a node-local /tmp.
 
 Nothing is loaded but configs, tokenizer files and headers: torch is imported only when the tokenizer
-has no tokenizer.json or to call the reward function. Inputs this machine lacks but a cluster's nodes
-may have (a hub model or dataset missing from the local cache) are errors for ``--local`` and
-warnings for a Slurm submission.
+has no tokenizer.json or to call the reward function. A hub model missing from the local cache is an
+error for ``--local`` and a warning for a Slurm submission, whose nodes may have it; a missing hub dataset
+is an error for both, unless the job gives its nodes a cache of their own (HF_HOME, HF_HUB_CACHE or
+HF_DATASETS_CACHE in a role's trainer_config.envs or in slurm.setup).
+
+A check that raises is a bug of the check, not a finding: it becomes one error naming the check and the
+input it was reading (``Preflight.run``), its traceback kept for the caller to print after the problems.
 """
 
 from __future__ import annotations
@@ -33,7 +39,6 @@ import importlib
 import importlib.util
 import inspect
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,14 +48,21 @@ from rlhf.core.checkpoint_index import KNOWN_HEADS, find_value_head, head_like_t
 from rlhf.core.config import TRAINED, JobSpec
 from rlhf.core.data_sources import LOCAL_SUFFIXES, looks_local, parse_source
 from rlhf.core.model_shape import local_config, shape_from_config
-from rlhf.core.plan import build_plan, planned_models
+from rlhf.core.plan import build_plan, planned_models, unplanned_roles
 from rlhf.core.problems import Problem, error, warning
+from rlhf.rewards import scores_problem
 
 SAMPLE_RECORDS = 10_000  # records parsed of a file larger than LARGE_FILE_BYTES; the rest are counted
 LARGE_FILE_BYTES = 64 * 1024 * 1024
 RENDERED_PROMPTS = 2_000  # prompts rendered and tokenized to count those over max_seq_len
 BAD_RECORDS_SHOWN = 3
+CAUSAL_LM = ("ForCausalLM", "LMHeadModel")
+SCORER_ARCHS = ("ForSequenceClassification", *CAUSAL_LM)  # loaded by the critic and reward roles
+# Task names (after "For") of models that cannot score text: vision, speech and audio heads.
+NOT_TEXT_SCORERS = ("Image", "Vision", "Video", "ObjectDetection", "SemanticSegmentation", "InstanceSegmentation",
+                    "UniversalSegmentation", "DepthEstimation", "MaskedImageModeling", "Audio", "Speech", "CTC", "XVector")
 NODE_LOCAL = ("/tmp", "/var/tmp", "/dev/shm")
+HF_CACHE_VARIABLES = ("HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE")  # where the ranks look for hub files and datasets
 SAMPLE_RESPONSES = ["Sure.", "Here is a longer answer, with a few more words in it."]
 
 Messages = list[dict[str, str]]
@@ -70,6 +82,46 @@ class Preflight:
     fields: list[dict[str, Any]] = field(default_factory=list)  # each sampled prompt's other record fields (rlhf.data.record_fields)
     folders: dict[str, Path] = field(default_factory=dict)  # role -> its local model folder (or cache snapshot)
     configs: dict[str, dict] = field(default_factory=dict)  # role -> its config.json
+    bugs: list[BaseException] = field(default_factory=list)  # what checks raised unexpectedly: shown after the problems
+    where: tuple[str, str] = ("", "the spec")  # (key, input) the running check is looking at, for the line of a crash
+
+    def at(self, key: str, what: Any) -> None:
+        """Say which input the running check now reads: a crash in it is reported against this key and input."""
+        self.where = (key, str(what))
+
+    def run(self, check, *args):
+        """``check(self, *args)``: its result, or None when it raised. An ``InputError`` is one problem; anything
+        else is a bug of the check: one line naming the check and the input, its exception kept in ``bugs``
+        (for the traceback, printed after the problems)."""
+        from rlhf.core.problems import InputError
+
+        self.where = ("", "the spec")
+        try:
+            return check(self, *args)
+        except InputError as exc:
+            self.problems.append(error(self.where[0], str(exc)))
+        except Exception as exc:  # noqa: BLE001 - one failing check must not hide the findings of the others
+            key, what = self.where
+            self.problems.append(error(key, (
+                f"the pre-flight check {check.__name__} failed on {what}: {_one_line(exc)}; this is a bug of rlhf-launch "
+                "(traceback below); skip the checks with --no-check"
+            )))
+            self.bugs.append(exc)
+        return None
+
+    def absent_from_cache(self, path: str, message: str) -> None:
+        """A Hugging Face input missing from this machine's cache: an error, unless the input is for a Slurm job whose
+        nodes read another cache (the job sets HF_HOME or the like for them); then a warning that names it."""
+        other = None if self.local else nodes_hf_cache(self.spec)
+        if other is not None:
+            self.problems.append(warning(path, f"{message}; the job's nodes read another cache ({other}): they must have it there"))
+        elif self.local:
+            self.problems.append(error(path, message))
+        else:
+            self.problems.append(error(path, (
+                f"{message}; the job's nodes read this same cache: the job sets no {', '.join(HF_CACHE_VARIABLES)} of "
+                "their own (if theirs differs, set it in a role's trainer_config.envs or in slurm.setup)"
+            )))
 
     def absent_here(self, path: str, message: str) -> None:
         """An input missing on this machine: an error for --local, a warning for Slurm, whose nodes may have it."""
@@ -82,27 +134,34 @@ class Preflight:
 def preflight(spec: JobSpec, run_dir: Path, resume: str | None, local: bool) -> Preflight:
     """Run every check on a resolved spec; the result holds the problems and notes."""
     pf = Preflight(spec, Path(run_dir), resume, local)
-    check_output(pf)
-    check_data(pf)
-    check_pretrain_data(pf)
-    check_models(pf)
-    tokenizer = check_tokenizer(pf)
+    pf.run(check_output)
+    pf.run(check_data)
+    pf.run(check_pretrain_data)
+    pf.run(check_models)
+    tokenizer = pf.run(check_tokenizer)
     if tokenizer is not None:
-        check_prompts(pf, tokenizer)
-        check_system_prompts(pf, tokenizer)
-    check_model_tokenizers(pf, tokenizer)
-    check_reward_function(pf, tokenizer)
-    check_resume(pf)
-    check_memory_plan(pf)
+        pf.run(check_prompts, tokenizer)
+        pf.run(check_system_prompts, tokenizer)
+    pf.run(check_model_tokenizers, tokenizer)
+    pf.run(check_reward_function, tokenizer)
+    pf.run(check_resume)
+    pf.run(check_memory_plan)
     if local:
-        check_local_libraries(pf)
+        pf.run(check_local_libraries)
     return pf
 
 
 # ------------------------------------------------------------------------------------------ output
 def check_output(pf: Preflight) -> None:
-    """The run folder can be created here, and a Slurm job's is not on a node-local path."""
+    """The run folder can be created here, holds no previous run unless resuming, and a Slurm job's is not
+    on a node-local path."""
+    from launcher.cli import previous_run
+
     key = "run.output_dir"
+    pf.at(key, pf.run_dir)
+    taken = previous_run(pf.run_dir, pf.resume)  # the rule the launcher applies before it writes the folder
+    if taken:
+        pf.problems.append(error(key, taken))
     existing = pf.run_dir
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -129,6 +188,21 @@ def hub_cache() -> Path:
     return Path(os.environ.get("HF_HUB_CACHE") or hf_home() / "hub").expanduser()
 
 
+def nodes_hf_cache(spec: JobSpec) -> str | None:
+    """Where a Slurm job's nodes are given a Hugging Face cache other than this machine's: the first role whose
+    trainer_config.envs sets one of HF_CACHE_VARIABLES to another value, or slurm.setup line that names one; None
+    when the job sets none (sbatch passes this environment on, so the nodes read the same cache)."""
+    for role, model in planned_models(spec).items():
+        for name in HF_CACHE_VARIABLES:
+            value = model.trainer_config.envs.get(name)
+            if value is not None and value != os.environ.get(name):
+                return f"{name}={value} in model_configs.{role}.trainer_config.envs"
+    for i, line in enumerate(spec.slurm.setup):
+        if any(name in line for name in HF_CACHE_VARIABLES):
+            return f"slurm.setup.{i}: {line}"
+    return None
+
+
 def cached_snapshot(repo: str, repo_type: str) -> Path | None:
     """The hub cache's snapshot folder of ``repo``'s main revision, or None when it is not cached."""
     folder = hub_cache() / f"{repo_type}s--{repo.replace('/', '--')}"
@@ -144,6 +218,7 @@ def check_data(pf: Preflight) -> None:
     for i, entry in enumerate(pf.spec.dataset_config.ppo_datas):
         source = parse_source(entry).source
         key = f"dataset_config.ppo_datas.{i}"
+        pf.at(key, source)
         path = Path(source).expanduser()
         if looks_local(source) or path.exists():
             _check_local_source(pf, key, source, path)
@@ -161,6 +236,7 @@ def check_pretrain_data(pf: Preflight) -> None:
 
     for i, entry in enumerate(config.pretrain_datas):
         source, key = parse_source(entry).source, f"pretrain_dataset_config.pretrain_datas.{i}"
+        pf.at(key, source)
         path = Path(source).expanduser()
         if not (looks_local(source) or path.exists()):
             _check_hub_dataset(pf, key, source)
@@ -200,7 +276,7 @@ def _check_hub_dataset(pf: Preflight, key: str, name: str) -> None:
         pf.notes.append(f"{name}: in the datasets cache ({datasets_cache}); its records are read when the run starts")
         return
     load = f"datasets.load_dataset({repo!r}" + (f", data_dir={data_dir!r}" if data_dir else "") + ")"
-    pf.absent_here(key, (
+    pf.absent_from_cache(key, (
         f"Hugging Face dataset {repo!r}" + (f" (data_dir {data_dir!r})" if data_dir else "")
         + f" is not in this machine's Hugging Face cache ({hub_cache()}), and runs never download; get it there "
         f"with `hf download --repo-type dataset {repo}` (or {load}) on a machine with network access and the same "
@@ -261,23 +337,42 @@ def _check_file(pf: Preflight, file: Path, bad: list[str]) -> tuple[int, int]:
 
 
 def _records(file: Path):
-    """(where, record, problem) of each record; where is None for records only counted, not parsed."""
-    if file.suffix == ".parquet":
-        import pyarrow.parquet as pq
+    """(where, record, problem) of each record; where is None for records only counted, not parsed. A file that
+    cannot be read as text or as parquet is one problem, after the records read before it."""
+    try:
+        if file.suffix == ".parquet":
+            yield from _parquet_records(file)
+        else:
+            yield from _json_records(file)
+    except OSError as exc:
+        yield None, None, f"{file}: cannot read it ({exc.strerror or exc}); expected a readable prompt file"
 
+
+def _parquet_records(file: Path):
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    try:
         table = pq.ParquetFile(file)
         rows = next(table.iter_batches(batch_size=SAMPLE_RECORDS), None)
-        records = rows.to_pylist() if rows is not None else []
-        for index, record in enumerate(records):
-            yield f"{file}, row {index}", record, None
-        for _ in range(table.metadata.num_rows - len(records)):
-            yield None, None, None
+    except pyarrow.ArrowException as exc:  # ArrowInvalid for a file that is not parquet, others for a damaged one
+        yield None, None, f"{file}: not a parquet file ({_one_line(exc)}); expected a .parquet table of records"
         return
+    records = rows.to_pylist() if rows is not None else []
+    for index, record in enumerate(records):
+        yield f"{file}, row {index}", record, None
+    for _ in range(table.metadata.num_rows - len(records)):
+        yield None, None, None
+
+
+def _json_records(file: Path):
     large = file.stat().st_size > LARGE_FILE_BYTES
     if file.suffix == ".json" and not large:
-        text = file.read_text(encoding="utf-8")
         try:
-            document = json.loads(text)
+            document = json.loads(file.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            yield None, None, _not_utf8(file, exc)
+            return
         except json.JSONDecodeError:
             pass  # often JSON lines under a .json name
         else:
@@ -285,9 +380,14 @@ def _records(file: Path):
                 yield f"{file}, record {index}", record, None
             return
     parsed = 0
-    with open(file, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
+    with open(file, "rb") as f:  # bytes: a line that is not UTF-8 is reported by its number
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8").strip()  # stripped: json's position of an error then ignores the newline
+            except UnicodeDecodeError as exc:
+                yield None, None, _not_utf8(file, exc, number)
+                return
+            if not line:
                 continue
             if large and parsed >= SAMPLE_RECORDS:
                 yield None, None, None
@@ -299,6 +399,17 @@ def _records(file: Path):
                 yield None, None, f"{file}, line {number}: invalid JSON ({err}); expected one JSON record per line"
                 continue
             yield f"{file}, line {number}", record, None
+
+
+def _not_utf8(file: Path, exc: UnicodeDecodeError, line: int | None = None) -> str:
+    where = f"{file}, line {line}" if line else str(file)
+    return (f"{where}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}{' of the line' if line else ''}); "
+            "expected UTF-8 text; convert it, e.g. with iconv -f ENCODING -t utf-8")
+
+
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text if len(text) <= limit else text[:limit - 3] + '...'}"
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -327,6 +438,7 @@ def check_models(pf: Preflight) -> None:
         if not model.model_path:
             continue
         key = f"model_configs.{role}.model_path"
+        pf.at(key, model.model_path)
         folder = model_folder(pf, key, model.model_path)
         if folder is None:
             continue
@@ -336,13 +448,47 @@ def check_models(pf: Preflight) -> None:
             pf.problems.append(error(key, f"{folder} has no readable config.json; expected a Hugging Face model folder"))
             continue
         pf.configs[role] = cfg
-        archs = [a for a in (_raw_config(folder).get("architectures") or []) if isinstance(a, str)]
-        if role in ("actor", "reference") and archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        raw = _raw_config(folder)
+        archs = architectures(raw)
+        if role in ("actor", "reference") and archs and not any(a.endswith(CAUSAL_LM) for a in archs):
             pf.problems.append(error(
                 key, f"{folder} is a {', '.join(archs)}; the {role} generates or scores tokens, expected a causal LM (*ForCausalLM)",
             ))
         if role in ("critic", "reward"):
+            _check_scorer_architecture(pf, role, key, folder, raw)
             _check_value_head(pf, role, key, folder, model.head_name)
+
+
+def architectures(config: dict) -> list[str]:
+    """The class names in a config's "architectures": a list of names, or one name written as a string."""
+    value = config.get("architectures")
+    if isinstance(value, str):
+        return [value]
+    return [a for a in value if isinstance(a, str)] if isinstance(value, list) else []
+
+
+def _check_scorer_architecture(pf: Preflight, role: str, key: str, folder: Path, config: dict) -> None:
+    """A critic or reward model is loaded as a sequence classifier (AutoModelForSequenceClassification) whose head
+    scores the last token: an error for a model that clearly is none (encoder-decoder, vision or speech), a warning
+    for an architecture that is neither a classifier, a reward or value model nor a causal LM."""
+    archs = architectures(config)
+    if config.get("is_encoder_decoder") or any(_task_of(a).startswith(NOT_TEXT_SCORERS) for a in archs):
+        kind = f"an encoder-decoder model ({config.get('model_type')})" if config.get("is_encoder_decoder") else "not a text model"
+        what = f"a {', '.join(archs)}, {kind}" if archs else kind
+        pf.problems.append(error(key, (
+            f"{folder} is {what}; the {role} scores a whole sequence with a one-output head on a decoder, expected a "
+            f"*ForSequenceClassification, a reward model or a causal LM (whose value head head_name names)"
+        )))
+    elif archs and not any(a.endswith(SCORER_ARCHS) or "Reward" in a or "Value" in a for a in archs):
+        pf.problems.append(warning(key, (
+            f"{folder} is a {', '.join(archs)}, loaded for the {role} as AutoModelForSequenceClassification: expected a "
+            "*ForSequenceClassification, a reward model or a causal LM; check that it is the model meant"
+        )))
+
+
+def _task_of(architecture: str) -> str:
+    """The task part of an architecture's class name: 'ImageClassification' of 'ViTForImageClassification'."""
+    return architecture.rpartition("For")[2] if "For" in architecture else ""
 
 
 def _raw_config(folder: Path) -> dict:
@@ -381,6 +527,7 @@ def check_memory_plan(pf: Preflight) -> None:
     hub_roles = {r: f for r, f in pf.folders.items() if r in pf.configs and not Path(models[r].model_path).is_absolute()}
     if not hub_roles:
         return
+    pf.at("model_configs", f"the cached configs of {', '.join(sorted(hub_roles))}")
     real = copy.deepcopy(pf.spec)
     for role, folder in hub_roles.items():
         real.model_configs.roles()[role].model_path = str(folder)
@@ -405,6 +552,8 @@ class FastTokenizer:
             for name in ("bos_token", "eos_token", "unk_token", "pad_token")
             if isinstance(value := special.get(name), (str, dict))
         }
+        self.named_in = {name: folder / ("tokenizer_config.json" if name in config else "special_tokens_map.json") for name in self.special}
+        self.vocabulary = folder / "tokenizer.json"
         template = config.get("chat_template")
         if isinstance(template, list):  # named templates: the runtime uses "default"
             template = next((t.get("template") for t in template if t.get("name") == "default"), None)
@@ -423,6 +572,12 @@ class FastTokenizer:
     def token_of(self, token_id: int) -> str | None:
         """The token string of an id."""
         return self.backend.id_to_token(token_id)
+
+    def missing(self, name: str) -> str | None:
+        """Special token ``name``'s string when the settings name one that the vocabulary lacks (transformers
+        would add it as a new token, past the model's embeddings), else None."""
+        token = self.special.get(name)
+        return token if token is not None and self.backend.token_to_id(token) is None else None
 
     def encode(self, messages: Messages, chat_template: str | None) -> list[int]:
         """Token ids of one prompt, as ``rlhf.data.encode_prompt`` makes them."""
@@ -459,6 +614,10 @@ class HFTokenizer:
         """The token string of an id."""
         return self.tok.convert_ids_to_tokens(token_id)
 
+    def missing(self, name: str) -> str | None:
+        """None: transformers has already added a named token the vocabulary lacked (the vocab_size check sees it)."""
+        return None
+
     def encode(self, messages: Messages, chat_template: str | None) -> list[int]:
         """Token ids of one prompt (``rlhf.data.encode_prompt``)."""
         from rlhf.data import encode_prompt
@@ -478,31 +637,92 @@ def _json_file(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json", "vocab.txt")
+
+
+def tokenizer_files_problem(folder: Path) -> str | None:
+    """Why ``folder`` cannot hold a tokenizer (it has none of its files), or None."""
+    if any((folder / name).is_file() for name in TOKENIZER_FILES) or any(folder.glob("*.tiktoken")) or any(folder.glob("*.model")):
+        return None
+    return (f"no tokenizer files ({' / '.join(TOKENIZER_FILES[:2])} / vocab.json ...) in {folder}; expected the folder of a "
+            "Hugging Face tokenizer")
+
+
+def load_preflight_tokenizer(pf: Preflight, key: str, folder: Path, settings, spec_key: str, fast: bool):
+    """The tokenizer in ``folder`` as the pre-flight reads it: FastTokenizer when ``fast`` and it has a tokenizer.json,
+    else the runtime's, with ``settings`` (a TokenizerConfig at ``spec_key``); None (and a problem at ``key``) when the
+    folder has no tokenizer files or it cannot be loaded."""
+    problem = tokenizer_files_problem(folder)
+    if problem:
+        pf.problems.append(error(key, f"{problem}; set {key} to the folder of the model's tokenizer"))
+        return None
+    try:
+        if fast and (folder / "tokenizer.json").is_file():
+            return FastTokenizer(folder)
+        from rlhf.data import PromptDataError, load_tokenizer
+
+        try:
+            return HFTokenizer(load_tokenizer(settings, str(folder), spec_key))
+        except PromptDataError as exc:
+            pf.problems.append(error(key, str(exc)))
+    except Exception as exc:  # noqa: BLE001 - tokenizers and transformers raise many kinds for a bad file
+        pf.problems.append(error(key, f"cannot load the tokenizer in {folder}: {_one_line(exc, 300)}"))
+    return None
+
+
+def missing_special_tokens(pf: Preflight, key: str, tokenizer, settings) -> bool:
+    """Report each special token (pad, bos, eos) that the tokenizer's settings name but its vocabulary lacks, unless
+    ``settings`` (a TokenizerConfig) gives its id; True when any is."""
+    found = False
+    for short, what in (("pad", "padding"), ("bos", "beginning-of-sequence"), ("eos", "end-of-sequence")):
+        token = tokenizer.missing(f"{short}_token")
+        if token is None or getattr(settings, f"{short}_token_id") is not None:
+            continue
+        hint = ""
+        if short == "pad" and (eos := tokenizer.id_of("eos_token")) is not None:
+            hint = f" (e.g. the eos id {eos})"
+        pf.problems.append(error(f"{key}.{short}_token_id", (
+            f"the {short}_token {token!r} named in {tokenizer.named_in[short + '_token']} is not in the vocabulary "
+            f"({tokenizer.vocabulary}): the runtime would add it as a new token, which the model has no embedding for; "
+            f"expected a token of the vocabulary: name one there, or set {key}.{short}_token_id to the {what} token's id{hint}"
+        )))
+        found = True
+    return found
+
+
 def check_tokenizer(pf: Preflight):
     """The tokenizer loads offline; its special tokens exist, within every model's vocabulary."""
-    tc, gk = pf.spec.tokenizer_config, pf.spec.rollout_config.generate_kwargs
+    tc = pf.spec.tokenizer_config
     key = "tokenizer_config.tokenizer_path"
     path = tc.tokenizer_path or pf.spec.model_configs.actor.model_path
     if path is None:
         return None
+    pf.at(key, path)
     folder = pf.folders.get("actor") if path == pf.spec.model_configs.actor.model_path else model_folder(pf, key, path)
     if folder is None:
         return None
-    try:
-        if (folder / "tokenizer.json").is_file():
-            tokenizer: Any = FastTokenizer(folder)
-        else:
-            from rlhf.data import PromptDataError, load_tokenizer
-
-            try:
-                tokenizer = HFTokenizer(load_tokenizer(tc, str(folder)))
-            except PromptDataError as exc:
-                pf.problems.append(error(key, str(exc)))
-                return None
-    except Exception as exc:  # noqa: BLE001 - tokenizers and transformers raise many kinds for a bad file
-        pf.problems.append(error(key, f"cannot load the tokenizer in {folder}: {type(exc).__name__}: {exc}"))
+    tokenizer = load_preflight_tokenizer(pf, key, folder, tc, "tokenizer_config", fast=True)
+    if tokenizer is None or _ids_outside(pf, len(tokenizer)):
         return None
-    size = len(tokenizer)
+    missing = missing_special_tokens(pf, "tokenizer_config", tokenizer, tc)
+    pad, stop = _pad_and_stop(pf, folder, tokenizer, missing)
+    answer_end = pf.spec.repeater_config.answer_end_id
+    if answer_end is not None and pad is not None and answer_end == pad and answer_end != stop:
+        pf.problems.append(warning(
+            "repeater_config.answer_end_id", f"{answer_end} is also the padding token: every padded response would "
+            "look stopped; expected a token distinct from pad_token_id",
+        ))
+    too_small = _vocabularies_too_small(pf, len(tokenizer))
+    if missing or pad is None or too_small:
+        return None
+    also = f" and {answer_end}" if answer_end is not None else ""
+    pf.notes.append(f"tokenizer {folder}: {len(tokenizer)} tokens, pad {pad}, stop {stop}{also}")
+    return tokenizer
+
+
+def _ids_outside(pf: Preflight, size: int) -> bool:
+    """Report each token id of the settings outside the tokenizer's ids; True when any is."""
+    tc, gk = pf.spec.tokenizer_config, pf.spec.rollout_config.generate_kwargs
     ids = {
         "tokenizer_config.pad_token_id": tc.pad_token_id, "tokenizer_config.eos_token_id": tc.eos_token_id,
         "tokenizer_config.bos_token_id": tc.bos_token_id,
@@ -515,26 +735,30 @@ def check_tokenizer(pf: Preflight):
         if token_id is not None and not 0 <= token_id < size:
             pf.problems.append(error(name, f"found {token_id}, outside the tokenizer's vocabulary (ids 0..{size - 1})"))
             bad = True
-    if bad:
-        return None
+    return bad
+
+
+def _pad_and_stop(pf: Preflight, folder: Path, tokenizer, missing: bool) -> tuple[int | None, int | None]:
+    """The padding and stop ids the run will use; a tokenizer without a padding token is an error, one without an
+    end-of-sequence token a warning (unless ``missing`` tokens were reported already)."""
+    tc, gk = pf.spec.tokenizer_config, pf.spec.rollout_config.generate_kwargs
     pad = tc.pad_token_id if tc.pad_token_id is not None else tokenizer.id_of("pad_token")
     eos = tc.eos_token_id if tc.eos_token_id is not None else tokenizer.id_of("eos_token")
-    if pad is None:
+    if pad is None and not (missing and tokenizer.missing("pad_token")):
         hint = f" (e.g. the eos id {eos})" if eos is not None else ""
         pf.problems.append(error("tokenizer_config.pad_token_id", f"the tokenizer in {folder} has no padding token; set it{hint}"))
-        return None
     stop = gk.eos_token_id if gk.eos_token_id is not None else eos
-    if stop is None:
+    if stop is None and not (missing and tokenizer.missing("eos_token")):
         pf.problems.append(warning(
             "tokenizer_config.eos_token_id", f"the tokenizer in {folder} has no end-of-sequence token, so responses "
             f"stop only at max_new_tokens; expected one (set tokenizer_config.eos_token_id)",
         ))
-    answer_end = pf.spec.repeater_config.answer_end_id
-    if answer_end is not None and answer_end == pad and answer_end != stop:
-        pf.problems.append(warning(
-            "repeater_config.answer_end_id", f"{answer_end} is also the padding token: every padded response would "
-            "look stopped; expected a token distinct from pad_token_id",
-        ))
+    return pad, stop
+
+
+def _vocabularies_too_small(pf: Preflight, size: int) -> bool:
+    """Report each model whose vocab_size cannot embed the tokenizer's ids; True when any."""
+    bad = False
     for role, cfg in pf.configs.items():
         vocab = cfg.get("vocab_size")
         if role == "reward" and pf.spec.model_configs.reward.tokenizer_config is not None:
@@ -544,8 +768,8 @@ def check_tokenizer(pf: Preflight):
                 f"model_configs.{role}.model_path", f"{pf.folders[role]} has vocab_size {vocab}, but the tokenizer has "
                 f"{size} tokens: ids from {vocab} on have no embedding; expected a tokenizer of this model",
             ))
-    pf.notes.append(f"tokenizer {folder}: {size} tokens, pad {pad}, stop {stop}" + (f" and {answer_end}" if answer_end is not None else ""))
-    return tokenizer
+            bad = True
+    return bad
 
 
 def check_prompts(pf: Preflight, tokenizer) -> None:
@@ -554,6 +778,7 @@ def check_prompts(pf: Preflight, tokenizer) -> None:
         return
     limit = pf.spec.dataset_config.max_seq_len
     chat_template = pf.spec.tokenizer_config.chat_template
+    pf.at("dataset_config.ppo_datas", f"the {len(pf.prompts)} sampled prompts")
     lengths = []
     for messages in pf.prompts:
         try:
@@ -589,6 +814,7 @@ def check_system_prompts(pf: Preflight, tokenizer) -> None:
         for tag, name, answered in wanted:
             if name is None or name not in table:
                 continue  # unknown names are spec errors, reported before the pre-flight
+            pf.at(f"dataset_config.ppo_datas.{i}", f"[{tag}]:{name}")
             messages = with_system_prompt(sample, table[name])
             _render_sample(pf, f"dataset_config.ppo_datas.{i}", f"[{tag}]:{name}", tokenizer, messages, answered,
                            pf.spec.tokenizer_config.chat_template)
@@ -636,6 +862,7 @@ def check_model_tokenizers(pf: Preflight, policy_tokenizer) -> None:
         if model.tokenizer_config is None or (role == "reward" and model.reward_function):
             continue
         key = f"model_configs.{role}.tokenizer_config"
+        pf.at(key, model.tokenizer_config.tokenizer_path or model.model_path)
         tokenizer = _model_tokenizer(pf, role, key)
         if tokenizer is None or not _token_ids_fit(pf, role, key, tokenizer):
             continue
@@ -661,18 +888,7 @@ def _model_tokenizer(pf: Preflight, role: str, key: str):
         folder = model_folder(pf, f"{key}.tokenizer_path", config.tokenizer_path)
     if folder is None:
         return None
-    try:
-        if (folder / "tokenizer.json").is_file() and not config.from_pretrained_kwargs:
-            return FastTokenizer(folder)
-        from rlhf.data import PromptDataError, load_tokenizer
-
-        try:
-            return HFTokenizer(load_tokenizer(config, str(folder), key))
-        except PromptDataError as exc:
-            pf.problems.append(error(key, str(exc)))
-    except Exception as exc:  # noqa: BLE001 - tokenizers and transformers raise many kinds for a bad file
-        pf.problems.append(error(f"{key}.tokenizer_path", f"cannot load the tokenizer in {folder}: {type(exc).__name__}: {exc}"))
-    return None
+    return load_preflight_tokenizer(pf, f"{key}.tokenizer_path", folder, config, key, fast=not config.from_pretrained_kwargs)
 
 
 def _token_ids_fit(pf: Preflight, role: str, key: str, tokenizer) -> bool:
@@ -685,6 +901,8 @@ def _token_ids_fit(pf: Preflight, role: str, key: str, tokenizer) -> bool:
         if token_id is not None and not 0 <= token_id < size:
             pf.problems.append(error(f"{key}.{name}", f"found {token_id}, outside this tokenizer's vocabulary (ids 0..{size - 1})"))
             fits = False
+    if fits and missing_special_tokens(pf, key, tokenizer, config):
+        fits = False
     if fits and config.pad_token_id is None and tokenizer.id_of("pad_token") is None:
         eos = tokenizer.id_of("eos_token")
         hint = f" (e.g. the eos id {eos})" if eos is not None else ""
@@ -734,6 +952,7 @@ def check_reward_function(pf: Preflight, tokenizer) -> None:
     if not path:
         return
     key = "model_configs.reward.reward_function"
+    pf.at(key, path)
     module_name, _, name = path.partition(":")
     try:
         fn = getattr(importlib.import_module(module_name), name)
@@ -792,29 +1011,13 @@ def signature_problem(fn, fields: set[str] = frozenset()) -> str | None:
     return None
 
 
-def scores_problem(scores, expected: int) -> str | None:
-    """Why ``scores`` is not ``expected`` finite floats; None when it is."""
-    try:
-        count = len(scores)
-    except TypeError:
-        return f"returned {type(scores).__name__} {scores!r:.60}, expected a list of {expected} floats"
-    if count != expected:
-        return f"returned {count} scores for {expected} responses, expected one per response"
-    for i, score in enumerate(scores):
-        try:
-            value = float(score)
-        except (TypeError, ValueError):
-            return f"returned score {i} = {score!r:.60}, expected a float"
-        if not math.isfinite(value):
-            return f"returned score {i} = {value}, expected a finite float"
-    return None
-
-
 # ------------------------------------------------------------------------------------------ resume
 def check_resume(pf: Preflight) -> None:
-    """The checkpoint ``--resume`` names is complete and was written for this spec's models and layout."""
+    """The checkpoint ``--resume`` names is complete, holds the state of exactly the roles this spec trains, and
+    was written for this spec's models, layout, advantage estimator and reward (its run's spec.yaml says which)."""
     if pf.resume is None:
         return
+    pf.at("--resume", pf.resume)
     from rlhf.checkpoint import CheckpointError, read_marker, resolve_resume
 
     try:
@@ -826,15 +1029,8 @@ def check_resume(pf: Preflight) -> None:
         return
     files = (read_marker(checkpoint) or {}).get("files", [])
     trained = [role for role in TRAINED if role in planned_models(pf.spec)]  # no critic state without a critic
-    for role in trained:
-        mode = pf.spec.model_configs.roles()[role].trainer_config.parallel.data.mode
-        found = f"{role}.pt" in files if mode == "ddp" else any(f.startswith(f"{role}/") for f in files)
-        if not found:
-            wanted = f"{role}.pt" if mode == "ddp" else f"a DeepSpeed folder {role}/"
-            pf.problems.append(error("--resume", (
-                f"{checkpoint} has no {wanted} for the {role} (data.mode {mode!r} in this spec); expected a checkpoint "
-                "written by a run of the same layout"
-            )))
+    _check_trained_files(pf, checkpoint, files, trained)
+    _check_untrained_files(pf, checkpoint, files)
     if "loop.pt" not in files:
         pf.problems.append(error("--resume", f"{checkpoint} has no loop.pt; expected a checkpoint written by rlhf-launch"))
     written_by = checkpoint.parent.parent / "spec.yaml"
@@ -848,12 +1044,43 @@ def check_resume(pf: Preflight) -> None:
     except ResolvedSpecError as exc:
         pf.problems.append(warning("--resume", f"cannot tell which models wrote {checkpoint}: {exc}"))
         return
+    where = f"{checkpoint} was written by the run of {written_by}"
     for role in trained:
-        _compare_role(pf, role, checkpoint, written_by, old.model_configs.roles()[role], pf.spec.model_configs.roles()[role])
+        _compare_role(pf, role, where, old.model_configs.roles()[role], pf.spec.model_configs.roles()[role])
+    _compare_objective(pf, where, old, pf.spec)
 
 
-def _compare_role(pf: Preflight, role: str, checkpoint: Path, written_by: Path, old, new) -> None:
-    where = f"--resume: {checkpoint} was written by the run of {written_by}, whose {role}"
+def _check_trained_files(pf: Preflight, checkpoint: Path, files: list[str], trained: list[str]) -> None:
+    """Each role this spec trains has its state in the checkpoint, saved as its data.mode saves it."""
+    for role in trained:
+        mode = pf.spec.model_configs.roles()[role].trainer_config.parallel.data.mode
+        found = f"{role}.pt" in files if mode == "ddp" else any(f.startswith(f"{role}/") for f in files)
+        if not found:
+            wanted = f"{role}.pt" if mode == "ddp" else f"a DeepSpeed folder {role}/"
+            pf.problems.append(error("--resume", (
+                f"{checkpoint} has no {wanted} for the {role} (data.mode {mode!r} in this spec); expected a checkpoint "
+                "written by a run of the same layout"
+            )))
+
+
+def _check_untrained_files(pf: Preflight, checkpoint: Path, files: list[str]) -> None:
+    """No role this spec leaves out has state in the checkpoint: a critic's state means a run of another algorithm
+    (a PPO checkpoint resumed by a GRPO spec would drop its critic and continue another objective)."""
+    unused = unplanned_roles(pf.spec)
+    for role in TRAINED:
+        held = [f for f in files if f == f"{role}.pt" or f.startswith(f"{role}/")]
+        if role in unused and held:
+            what = f"{role}.pt" if f"{role}.pt" in held else f"a DeepSpeed folder {role}/"
+            pf.problems.append(error("--resume", (
+                f"{checkpoint} holds {what}, the state of a {role}, but this spec has no {role} ({unused[role]}); expected "
+                f"a checkpoint of a run without a {role}: resume with that run's spec, or start a new run"
+            )))
+
+
+def _compare_role(pf: Preflight, role: str, where: str, old, new) -> None:
+    """The checkpoint's run trained ``role`` from the same model (an architecture match at another path is
+    warned about) with the same layout."""
+    where = f"{where}, whose {role}"
     advice = "resume with that run's spec, or start a new run"
     if old.model_path != new.model_path:
         old_shape, new_shape = _architecture(old.model_path), _architecture(new.model_path)
@@ -864,7 +1091,8 @@ def _compare_role(pf: Preflight, role: str, checkpoint: Path, written_by: Path, 
             )))
             return
         pf.problems.append(warning(f"model_configs.{role}.model_path", (
-            f"{where} was {old.model_path}; {new.model_path} has the same architecture, and the checkpoint's weights replace its own"
+            f"the --resume checkpoint {where} was {old.model_path}; {new.model_path} has the same architecture, and the "
+            "checkpoint's weights replace its own"
         )))
     old_tc, new_tc = old.trainer_config, new.trainer_config
     old_layout = (old_tc.parallel.data.mode, _zero(old_tc), old_tc.parallel.data.size if old_tc.parallel.data.mode == "deepspeed" else None)
@@ -874,6 +1102,39 @@ def _compare_role(pf: Preflight, role: str, checkpoint: Path, written_by: Path, 
             f"{where} ran {_describe_layout(old_layout)}, but this spec's runs {_describe_layout(new_layout)}; expected "
             f"the same layout, since the optimizer state is saved as it was sharded; {advice}"
         )))
+
+
+def _compare_objective(pf: Preflight, where: str, old: JobSpec, new: JobSpec) -> None:
+    """The checkpoint's run optimised the same thing: the same advantage estimator and the same reward (its
+    policy and the reward statistics in loop.pt were fitted to them)."""
+    advice = "resume with that run's spec, or start a new run (model_path can name that run's final/ models)"
+    old_est, new_est = old.repeater_config.advantage_estimator, new.repeater_config.advantage_estimator
+    if old_est != new_est:
+        pf.problems.append(error("--resume", (
+            f"{where}, whose repeater_config.advantage_estimator is {old_est!r}, but this spec's is {new_est!r}; "
+            f"expected the same estimator; {advice}"
+        )))
+    old_reward, new_reward = _reward_of(old), _reward_of(new)
+    if old_reward == new_reward:
+        return
+    if old_reward[0] == new_reward[0] == "the reward model":
+        old_shape, new_shape = _architecture(old_reward[1]), _architecture(new_reward[1])
+        if old_shape is not None and old_shape == new_shape:
+            pf.problems.append(warning("model_configs.reward.model_path", (
+                f"the --resume checkpoint {where}, whose reward model was {old_reward[1]}; {new_reward[1]} has the same "
+                "architecture: the run continues with its scores"
+            )))
+            return
+    pf.problems.append(error("--resume", (
+        f"{where}, whose reward is {old_reward[0]} {old_reward[1]}, but this spec's is {new_reward[0]} {new_reward[1]}; "
+        f"expected the same reward, to which the checkpoint's reward statistics (loop.pt) were fitted; {advice}"
+    )))
+
+
+def _reward_of(spec: JobSpec) -> tuple[str, str | None]:
+    """What scores the responses of a spec's run: ('the function', 'module:name') or ('the reward model', path)."""
+    reward = spec.model_configs.reward
+    return ("the function", reward.reward_function) if reward.reward_function else ("the reward model", reward.model_path)
 
 
 def _zero(tc) -> int | None:

@@ -27,6 +27,8 @@ from rlhf.core.problems import InputError
 FAILED_KEY = "rlhf/failed"
 HEARTBEAT_S = 1.0
 STALE_AFTER_S = 20.0
+LEAVE_TIMEOUT_S = 120.0  # how long global rank 0, which serves the store, waits at the end for every rank to stop
+DONE_POLL_S = 0.05
 
 
 class RendezvousError(RuntimeError):
@@ -236,6 +238,21 @@ class Watchdog:
         except Exception:  # noqa: BLE001 - rank 0 may have finished and closed the store first
             pass
 
+    def wait_for_everyone(self, timeout_s: float) -> list[int]:
+        """Wait until every rank has stopped its watchdog (``stop``), at most ``timeout_s``, or until one
+        reports a failure; returns the ranks that have not stopped (none when all have)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                missing = [r for r in range(self.topo.world_size) if not self.store.check([f"rlhf/done/{r}"])]
+                if not missing or self.store.check([FAILED_KEY]):
+                    return missing
+            except Exception:  # noqa: BLE001 - no store left to wait on
+                return []
+            if time.monotonic() > deadline:
+                return missing
+            time.sleep(DONE_POLL_S)
+
     def _run(self) -> None:
         last_seen: dict[int, tuple[str, float]] = {}
         while not self.stopped.wait(HEARTBEAT_S):
@@ -261,6 +278,25 @@ class Watchdog:
     def _exit(self, reason: str) -> None:
         print(f"rlhf: {self.topo.describe(self.topo.rank)} stopping: {reason}", file=sys.stderr, flush=True)
         os._exit(3)
+
+
+def leave(watchdog: Watchdog, timeout_s: float = LEAVE_TIMEOUT_S) -> None:
+    """The last step of a rank after an orderly end (``Distributed.close``): destroy torch's default
+    group, stop the watchdog, and on global rank 0 wait (at most ``timeout_s``) until every rank has.
+
+    Rank 0 serves the rendezvous store, so it goes last: a rank still shutting its groups down
+    (NCCL may take seconds) has its watchdog running, which would take the lost store for a dead
+    rank 0 and exit with status 3, failing a completed run. A rank still missing after ``timeout_s``
+    is named, and rank 0 leaves all the same (the run's results are written)."""
+    dist.destroy_process_group()  # before ``stop``: the group's store may be rank 0's
+    watchdog.stop()
+    if watchdog.topo.rank != 0:
+        return
+    missing = watchdog.wait_for_everyone(timeout_s)
+    if missing:
+        names = ", ".join(watchdog.topo.describe(r) for r in missing)
+        print(f"rlhf: {watchdog.topo.describe(0)} leaving after {timeout_s:.0f} s with {names} still shutting down",
+              file=sys.stderr, flush=True)
 
 
 def fail_fast(watchdog: Watchdog | None, exc: BaseException) -> None:

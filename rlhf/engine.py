@@ -121,14 +121,29 @@ class TorchTrainer:
         return self.inner.state_dict()
 
 
-def deepspeed_config(spec: JobSpec, role: str, model: ModelConfig, micro_bs: int, minibatch: int) -> dict[str, Any]:
+_HALF_PRECISION = {"bfloat16": "bf16", "float16": "fp16"}
+
+
+def deepspeed_config(model: ModelConfig, micro_bs: int, minibatch: int, extra_steps: int = 0) -> dict[str, Any]:
     """The spec's deepspeed_config with the batch keys derived from train_config (the launcher
-    checks that given ones agree) and gradient clipping from train_kwargs when not set."""
+    checks that given ones agree), gradient clipping from train_kwargs when not set, and for a bf16
+    or fp16 model ``bf16.enabled`` / ``fp16.enabled`` when the config says nothing about precision.
+
+    Precision: without it a trained model gets no fp32 master weights (DeepSpeed's Adam would move
+    the bf16 weights themselves, where updates of ~lr round away), and zero.Init would load a frozen
+    one in fp32; with it the weights stay in the dtype they were given in, as under DDP. A config
+    that disables the model's precision is refused by the launcher's checks.
+
+    ``extra_steps``: micro steps every update runs beyond the minibatch's (the actor's PPO-ptx micro steps,
+    rlhf.core.plan.ptx_micro_steps): DeepSpeed's accumulation boundary must fall after them."""
     config = copy.deepcopy(model.trainer_config.deepspeed_config or {})
+    half = _HALF_PRECISION.get(model.load_dtype())
+    if half is not None and "bf16" not in config and "fp16" not in config:
+        config[half] = {"enabled": True}
     dp = model.trainer_config.parallel.data.size
     # Every rank runs the micro steps of the largest share (shares of a minibatch may differ by one):
     # DeepSpeed counts those to its accumulation boundary and wants batch = micro x steps x ranks.
-    steps = micro_steps(minibatch, dp, micro_bs)
+    steps = micro_steps(minibatch, dp, micro_bs) + extra_steps
     config.setdefault("train_micro_batch_size_per_gpu", micro_bs)
     config.setdefault("gradient_accumulation_steps", steps)
     config.setdefault("train_batch_size", micro_bs * steps * dp)
@@ -163,12 +178,29 @@ class GatherMeter:
             self.current -= nbytes
 
 
+def with_model_precision(config: dict[str, Any], module: torch.nn.Module) -> dict[str, Any]:
+    """``config``, or a copy with ``bf16.enabled`` / ``fp16.enabled`` when it names no precision and
+    ``module``'s parameters are bf16 / fp16 (torch_dtype 'auto' may load a checkpoint in bf16, which
+    ``deepspeed_config`` cannot know). ValueError when it disables the precision of such parameters:
+    DeepSpeed would keep no fp32 master weights, and updates of ~lr would round away."""
+    dtypes = {p.dtype for p in module.parameters()}
+    half = next((_HALF_PRECISION[str(d).removeprefix("torch.")] for d in (torch.bfloat16, torch.float16) if d in dtypes), None)
+    enabled = any(isinstance(config.get(s), dict) and config[s].get("enabled") for s in ("bf16", "fp16"))
+    if half is None or enabled:
+        return config
+    if "bf16" in config or "fp16" in config:
+        raise ValueError(f"the deepspeed_config disables bf16 and fp16 for a model of {half} weights: DeepSpeed would keep "
+                         f"no fp32 master weights and small updates would round away; set {half}: {{enabled: true}}")
+    return {**config, half: {"enabled": True}}
+
+
 class DeepSpeedTrainer:
     """A model trained under DeepSpeed by the role's ranks (ZeRO stage from the spec)."""
 
     def __init__(self, module: torch.nn.Module, kwargs: TrainKwargs, config: dict[str, Any]):
         import deepspeed
 
+        config = with_model_precision(config, module)
         self.kwargs = kwargs
         self.dp_size = dist.get_world_size()  # the default group is the role's ranks (rlhf/dist.py)
         self.zero_stage = config.get("zero_optimization", {}).get("stage", 0)
@@ -232,27 +264,18 @@ class DeepSpeedTrainer:
         return self.inner.state_dict()
 
 
-_HALF_PRECISION = {"bfloat16": "bf16", "float16": "fp16"}
-
-
 def inference_deepspeed_config(spec: JobSpec, role: str) -> dict[str, Any] | None:
     """The ZeRO-3 DeepSpeed config of a frozen ``role`` (reference, reward) on this rank, or None when
     its model runs whole: data.mode ddp, or no process group (one process runs every role).
 
     The batch keys DeepSpeed insists on even without an optimizer come from ``deepspeed_config``, with
-    the role's inference micro batch as the micro batch and one accumulation step. zero.Init casts
-    the weights to the config's precision (fp32 when it names none), so a bf16 or fp16 model gets
-    ``bf16.enabled`` / ``fp16.enabled`` when the config says nothing about precision: the weights stay
-    in the dtype they were given in, as under DDP."""
+    the role's inference micro batch as the micro batch and one accumulation step, and the model's
+    precision (zero.Init casts the weights to the config's, fp32 when it names none)."""
     model = spec.model_configs.roles()[role]
     if model.trainer_config.parallel.data.mode != "deepspeed" or not dist.is_initialized():
         return None
     micro = spec.inference_micro_batch(role)
-    config = deepspeed_config(spec, role, model, micro, micro * model.trainer_config.parallel.data.size)
-    half = _HALF_PRECISION.get(model.load_dtype())
-    if half is not None and "bf16" not in config and "fp16" not in config:
-        config[half] = {"enabled": True}
-    return config
+    return deepspeed_config(model, micro, micro * model.trainer_config.parallel.data.size)
 
 
 class InferenceEngine:

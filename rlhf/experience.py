@@ -34,6 +34,7 @@ class ExperienceSettings:
     gae_lambda: float = 0.95
     norm_adv: bool = True
     group_size: int = 1  # rollout_config.n_samples_per_prompt: the contiguous rows of one prompt
+    tis_cap: float | None = None  # train_config.tis_cap: truncated importance weights against the generator's log-probs
 
     @classmethod
     def from_spec(cls, spec: JobSpec) -> ExperienceSettings:
@@ -43,7 +44,7 @@ class ExperienceSettings:
             clip_reward_min=ro.clip_reward_min, clip_reward_max=ro.clip_reward_max, norm_rewards=rc.norm_rewards,
             reward_scale=rc.reward_scale, kl_coeff=rc.kl_coeff, kl_estimator=rc.kl_estimator, kl_in=rc.kl_in,
             advantage_estimator=rc.advantage_estimator, gamma=rc.gamma, gae_lambda=rc.gae_lambda, norm_adv=rc.norm_adv,
-            group_size=ro.n_samples_per_prompt,
+            group_size=ro.n_samples_per_prompt, tis_cap=spec.train_config.tis_cap,
         )
 
     @property
@@ -122,7 +123,11 @@ def make_experience(
     scores), reward_clipped_mean, kl (k1: mean over sequences of the summed old_logprobs - ref_logprobs,
     whatever the estimator), kl_<estimator> for k2 and k3 (the same sum of that estimator), response_len_mean
     (tokens), truncated_frac (responses without a stop token), advantage_mean and, with gae, value_mean and
-    return_mean (masked means). Without ``ref_logprobs`` the KL metrics (kl, kl_<estimator>) are left out: nothing
+    return_mean (masked means). With the generator's behaviour log-probs (rollout["gen_logprobs"]):
+    gen_logprob_gap, the masked mean of |old_logprobs - gen_logprobs| (0 when generator and actor agree: the health
+    metric of a generator whose weights lag or whose numerics differ), and with ``tis_cap`` the experience's
+    is_weights [B, R] (ppo.truncated_is_weights, used by the policy loss) and their masked mean and max,
+    tis_weight_mean and tis_weight_max. Without ``ref_logprobs`` the KL metrics (kl, kl_<estimator>) are left out: nothing
     measured them, and a 0 would read as "the policy has not moved".
     """
     if settings.needs_critic and values is None:
@@ -156,6 +161,14 @@ def make_experience(
         metrics["kl"] = float(ppo.masked_sum(old_logprobs - ref_logprobs, mask, dim=1).mean())
     if has_ref and settings.kl_estimator != "k1":
         metrics[f"kl_{settings.kl_estimator}"] = float(ppo.masked_sum(kl, mask, dim=1).mean())
+    if "gen_logprobs" in rollout:
+        gen = rollout["gen_logprobs"].to(old_logprobs.dtype)
+        metrics["gen_logprob_gap"] = float(ppo.masked_mean((old_logprobs - gen).abs(), mask))
+        if settings.tis_cap is not None:
+            weights = ppo.truncated_is_weights(old_logprobs, gen, mask, settings.tis_cap)
+            experience["is_weights"] = weights
+            metrics["tis_weight_mean"] = float(ppo.masked_mean(weights, mask))
+            metrics["tis_weight_max"] = float(weights.max()) if mask.any() else 0.0
     if returns is not None:
         metrics["value_mean"] = float(ppo.masked_mean(values, mask))
         metrics["return_mean"] = float(ppo.masked_mean(returns, mask))

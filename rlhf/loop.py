@@ -51,11 +51,13 @@ from rlhf.roles.generator import HFGeneratorRole
 from rlhf.roles.reference import ReferenceRole
 from rlhf.roles.reward import RewardRole
 from rlhf.rollout import Batch, SamplingSettings
+from rlhf.rollout_ahead import RolloutAhead
 from rlhf.rollout_log import RolloutLog
 from rlhf.timing import Timer
 from rlhf.weight_sync import send_weights
 
-ROLLOUT_KEYS = ["prompt_ids", "prompt_mask", "response_ids", "response_mask", "finished", "prompt_index"]
+ROLLOUT_KEYS = ["prompt_ids", "prompt_mask", "response_ids", "response_mask", "finished", "gen_logprobs", "prompt_index"]
+AHEAD_FILE = "rollout_ahead.pt"  # in a checkpoint of an asynchronous run: the next step's rollout, already sampled
 # The scoring passes, (role, result key), in the order their results are exchanged: every rank gathers
 # in this order, so it is part of what the ranks agree on.
 SCORING = (("actor", "old_logprobs"), ("reference", "ref_logprobs"), ("critic", "values"), ("reward", "scores"))
@@ -214,6 +216,10 @@ class PPOLoop:
         self.critic = (CriticRole(spec, self.device, self.tokenizer.pad_token_id, self.timer, c)
                        if self.uses_critic and c.runs("critic") else None)
         self.reward = RewardRole(spec, self.device, self.tokenizer) if c.runs("reward") else None
+        # rollout_config.max_staleness 1: the generator samples the next step's rollout while this one trains.
+        self.ahead = (RolloutAhead(self._sample, self._gather_rollout, background=c.world_size > 1 and c.runs("generator"),
+                                   device=self.device)
+                      if spec.rollout_config.max_staleness else None)
         self.moments = RewardMoments()
         self.experience_settings = ExperienceSettings.from_spec(spec)
         # Set by run() on global rank 0 when rollout_config.write_to_file asks for the samples as text.
@@ -238,7 +244,7 @@ class PPOLoop:
                 rollout, scores, sampling_metrics = self._dynamic_rollout(step)
             else:
                 with timer("generate"):
-                    rollout = self._rollout(step)
+                    rollout = self.ahead.take(step, timer) if self.ahead is not None else self._rollout(step)
                 sampling_metrics = {"gen_tokens": int(rollout["response_mask"].sum())}
             with timer("score"):
                 # Without a reference (kl_coeff 0) there is no KL term: the experience has no ref_logprobs; dynamic
@@ -260,6 +266,8 @@ class PPOLoop:
                 if self.actor is not None and actor_trains:
                     with timer(busy("actor")):
                         actor_stats = self.actor.train(experience, step_seed(seed, step, Stream.ACTOR_ORDER), ptx)
+            if self.ahead is not None:  # the rollout ahead is sampled with the weights from before this update
+                self.ahead.join(timer)
             with timer("weight_sync"):
                 if self.separate_generator and actor_trains:
                     self._sync_weights()
@@ -272,7 +280,10 @@ class PPOLoop:
         metrics.update({f"{name}_time_s": sections.get(name, 0.0) for name in TIMED_SECTIONS})
         # After the step's clock stopped: this exchange is monitoring, not part of step_time_s.
         metrics.update(role_utilization(c, self.busy_roles, sections))
-        metrics["gen_tokens_per_s"] = sampling_metrics.pop("gen_tokens") / max(sections["generate"], 1e-9)
+        # Asynchronous: the trainers' generate section is only the wait for a rollout sampled during the step before, so
+        # the rate is over the generator's own busy seconds (this step's, spent on the next step's rollout).
+        seconds = metrics.get("busy_generator_s", 0.0) if self.ahead is not None else sections["generate"]
+        metrics["gen_tokens_per_s"] = sampling_metrics.pop("gen_tokens") / max(seconds, 1e-9)
         metrics.update(sampling_metrics)
         return metrics
 
@@ -316,6 +327,15 @@ class PPOLoop:
     def _rollout(self, step: int, round_: int = 0) -> Batch:
         """Step ``step``'s prompts and sampled responses, whole, on every process; with dynamic sampling,
         those of its round ``round_`` (``_dynamic_rollout``)."""
+        return self._gather_rollout(self._sample(step, self.timer, round_))
+
+    def _gather_rollout(self, local: Batch | None) -> Batch:
+        """The generator replica leaders' shards (``_sample``), whole, on every process."""
+        return self.cluster.gather("generator", local, ROLLOUT_KEYS, pad={"response_ids": self.sampling.pad_id})
+
+    def _sample(self, step: int, timer: Timer, round_: int = 0) -> Batch | None:
+        """This generator replica's shard of step ``step``'s (round ``round_``'s) rollout on its leader, None on
+        every other process; the sampling is timed in ``timer``'s busy(generator) section."""
         spec, c = self.spec, self.cluster
         local = None
         if c.runs("generator"):  # every rank of an engine takes part; its replica leader reports
@@ -336,12 +356,12 @@ class PPOLoop:
             }
             # A further round's rows are seeded past the first round's, so that its responses are new draws.
             first = round_ * len(messages) + start
-            with self.timer(busy("generator")):
+            with timer(busy("generator")):
                 local = self.generator.generate(prompts, first, lambda row: step_seed(spec.run.seed, step, Stream.SAMPLING, row))
             # (source, record) of each row: a role that needs the prompt's messages rebuilds them from its own copy of the data.
             local["prompt_index"] = torch.tensor(picks[start:stop], dtype=torch.long, device=self.device).view(-1, 2)
             local = local if c.is_replica_leader("generator") else None
-        return c.gather("generator", local, ROLLOUT_KEYS, pad={"response_ids": self.sampling.pad_id})
+        return local
 
     def _score(self, roles: list[str], rollout: Batch) -> dict[str, Tensor]:
         """The scoring passes of ``roles`` (in ``SCORING`` order) over the rollout, whole, on every process, by
@@ -377,12 +397,14 @@ class PPOLoop:
     def save(self) -> None:
         """A checkpoint of every role at ``self.step``, written by all ranks into one folder that
         global rank 0 completes atomically (rlhf/checkpoint.py)."""
+        # Asynchronous: the next step's rollout, sampled with weights the checkpoint no longer holds, goes into it.
+        ahead = self.ahead.for_checkpoint(self.step, self.timer) if self.ahead is not None else None
         if self.cluster.is_leader:
-            save_checkpoint(self.run_dir, self.step, self._write_checkpoint)
+            save_checkpoint(self.run_dir, self.step, lambda tmp: self._write_checkpoint(tmp, ahead))
         else:
-            self._write_checkpoint(None)
+            self._write_checkpoint(None, ahead)
 
-    def _write_checkpoint(self, tmp: Path | None) -> None:
+    def _write_checkpoint(self, tmp: Path | None, ahead: Batch | None) -> None:
         c = self.cluster
         directory = Path(c.share(str(tmp) if tmp is not None else None, "actor"))
         if self.actor is not None:
@@ -391,10 +413,13 @@ class PPOLoop:
             self.critic.trainer.save(directory, "critic", is_writer=c.is_role_leader("critic"))
         if c.is_leader:
             torch.save({"step": self.step, "reward_moments": asdict(self.moments)}, directory / "loop.pt")
+            if ahead is not None:
+                torch.save({key: value.cpu() for key, value in ahead.items()}, directory / AHEAD_FILE)
         c.barrier()
 
     def load(self, checkpoint: Path) -> None:
-        """Continue from a checkpoint: every role's state, the step and the reward statistics."""
+        """Continue from a checkpoint: every role's state, the step and the reward statistics, and in an
+        asynchronous run the next step's rollout, sampled ahead before the checkpoint (rlhf/rollout_ahead.py)."""
         if self.actor is not None:
             self.actor.trainer.load(checkpoint, "actor")
         if self.critic is not None:
@@ -404,6 +429,8 @@ class PPOLoop:
         self.moments = RewardMoments(**loop["reward_moments"])
         if self.separate_generator:
             self._sync_weights()
+        if self.ahead is not None and (checkpoint / AHEAD_FILE).exists():  # without it, the next rollout is sampled anew
+            self.ahead.restore(self.step + 1, torch.load(checkpoint / AHEAD_FILE, weights_only=True))
 
     def export(self) -> Path:
         """The trained actor and critic as Hugging Face folders under RUN_DIR/final (no final/critic without a critic)."""
@@ -443,6 +470,7 @@ def concat_rows(batches: list[Batch], rows: list[tuple[int, int]], pad_id: int) 
             "prompt_mask": torch.nn.functional.pad(b["prompt_mask"], (left, 0), value=0),
             "response_ids": torch.nn.functional.pad(b["response_ids"], (0, right), value=pad_id),
             "response_mask": torch.nn.functional.pad(b["response_mask"], (0, right), value=0),
+            **({"gen_logprobs": torch.nn.functional.pad(b["gen_logprobs"], (0, right), value=0.0)} if "gen_logprobs" in b else {}),
         })
     return {key: torch.stack([padded[i][key][row] for i, row in rows]) for key in padded[0]}
 

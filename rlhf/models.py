@@ -272,12 +272,29 @@ class ValueModule(torch.nn.Module):
         return head_scores(self.model.score, hidden[:, -response_len - 1 : -1])
 
 
+class Fp32Head(torch.nn.Linear):
+    """A linear value head that computes in float32 whatever its weights' dtype: a DeepSpeed bf16
+    critic keeps them in bf16, and a value of a few units rounded to bf16 loses two digits.
+    Gradients flow back to the weights in their own dtype."""
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        """``hidden`` [..., H] -> [..., out] in float32."""
+        bias = self.bias.float() if self.bias is not None else None
+        return torch.nn.functional.linear(hidden.float(), self.weight.float(), bias)
+
+
 def head_scores(score: torch.nn.Module, hidden: Tensor) -> Tensor:
-    """The value head on hidden states [..., H] -> [...] in float32. The head runs in its own
-    dtype, outside any autocast: a value of a few units rounded to bf16 loses two digits."""
-    weight = next(score.parameters())
+    """The value head on hidden states [..., H] -> [...] in float32, outside any autocast. A linear
+    head (every Hugging Face ``score``) computes in float32 even when its weights are bf16 or fp16;
+    any other runs in its own dtype."""
+    if type(score) is torch.nn.Linear:
+        # Still called as a module, not as F.linear on its weights: ZeRO-3 gathers a partitioned head's
+        # weights in hooks around that call. Only the forward changes; hooks and weights stay the module's.
+        score.__class__ = Fp32Head
     with torch.autocast(hidden.device.type, enabled=False):
-        return score(hidden.to(weight.dtype)).squeeze(-1).float()
+        if isinstance(score, Fp32Head):
+            return score(hidden).squeeze(-1)
+        return score(hidden.to(next(score.parameters()).dtype)).squeeze(-1).float()
 
 
 def sequence_scores(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:

@@ -175,12 +175,15 @@ def policy_loss(
     num_tokens=None,
     clip_eps_high=None,
     max_len=None,
+    is_weights=None,
 ):
     """PPO clipped surrogate.
 
     ratio = exp(logp - old_logp)
-    l_t   = max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps_high)), aggregated by aggregate_loss;
-            eps_high defaults to eps (a larger one is DAPO's clip-higher, Yu et al. 2025, arXiv:2503.14476).
+    l_t   = w_t max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps_high)), aggregated by aggregate_loss;
+            eps_high defaults to eps (a larger one is DAPO's clip-higher, Yu et al. 2025, arXiv:2503.14476);
+            w_t = ``is_weights`` (constants, truncated_is_weights) corrects for a generator whose policy differs
+            from the actor's old one; 1 without them.
     stats: clipfrac = masked mean of [-A clip(ratio) > -A ratio] (clipped branch active),
            approx_kl = masked mean of 0.5 (logp - old_logp)^2.
     l_t is the negated L^CLIP of Schulman et al. 2017, "Proximal Policy Optimization Algorithms"
@@ -193,12 +196,31 @@ def policy_loss(
     unclipped = -advantages * ratio
     high = clip_eps if clip_eps_high is None else clip_eps_high
     clipped = -advantages * ratio.clamp(1 - clip_eps, 1 + high)
-    loss = aggregate_loss(torch.maximum(unclipped, clipped), mask, loss_type, num_seqs, num_tokens, max_len)
+    per_token = torch.maximum(unclipped, clipped)
+    if is_weights is not None:
+        per_token = per_token * is_weights.detach()
+    loss = aggregate_loss(per_token, mask, loss_type, num_seqs, num_tokens, max_len)
     stats = {
         "clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), mask).detach(),
         "approx_kl": masked_mean(0.5 * log_ratio.detach() ** 2, mask),
     }
     return loss, stats
+
+
+def truncated_is_weights(old_logprobs: Tensor, behaviour_logprobs: Tensor, mask: Tensor, cap: float) -> Tensor:
+    """Truncated importance weights of the tokens a generator sampled, 0 off the mask.
+
+    w_t = min(pi_old(a_t) / pi_gen(a_t), cap) = min(exp(old_logp_t - gen_logp_t), cap)
+
+    pi_gen is the policy the generator sampled with: an older copy of the weights (an asynchronous
+    rollout) or the same weights in another engine's numerics (vLLM). Truncation bounds the variance
+    that a rare token with a tiny pi_gen would add. Truncated importance sampling is that of IMPALA
+    (Espeholt et al. 2018, arXiv:1802.01561, eq. 1, whose rho-bar is ``cap``); applied to the PPO
+    policy loss against a rollout engine's log-probs as in Yao et al. 2025, "Your Efficient RL Framework
+    Secretly Brings You Off-Policy RL Training" (TIS).
+    """
+    log_ratio = torch.where(mask.bool(), old_logprobs - behaviour_logprobs, torch.zeros_like(old_logprobs))
+    return torch.where(mask.bool(), log_ratio.exp().clamp(max=cap), torch.zeros_like(log_ratio))
 
 
 def value_loss(

@@ -7,7 +7,10 @@ which makes them useful for tests and for checking that PPO optimises what it is
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
 import re
+from collections.abc import Sequence
 from fractions import Fraction
 from typing import Any
 
@@ -139,3 +142,32 @@ def field_lists(accepts: frozenset[str] | None, rows: list[dict[str, Any]]) -> d
     if accepts is not None:
         names = [name for name in names if name in accepts]
     return {name: [row.get(name) for row in rows] for name in names}
+
+
+def scores_problem(scores: Any, expected: int, finite: bool = True) -> str | None:
+    """Why a reward function's result is not ``expected`` numbers, one per response (finite ones when ``finite``),
+    naming the type or value found; None when it is. A list or tuple of numbers, a numpy array or a 1-D tensor is."""
+    if hasattr(scores, "tolist") and not isinstance(scores, Sequence):
+        values = scores.tolist()  # a numpy array or a tensor (a 0-d one gives a number, refused below)
+    else:
+        values = scores
+    if not isinstance(values, Sequence) or isinstance(values, (str, bytes, bytearray)):
+        return f"returned {_described(scores)}, expected a list of {expected} numbers, one per response"
+    if len(values) != expected:
+        return f"returned {len(values)} scores for {expected} responses, expected one per response"
+    for i, value in enumerate(values):
+        value = value.tolist() if hasattr(value, "tolist") else value  # a numpy or 0-d tensor element
+        if not isinstance(value, numbers.Real):
+            return f"returned score {i} = {value!r:.60} (a {type(value).__name__}), expected a number"
+        if finite and not math.isfinite(value):
+            return f"returned score {i} = {value}, expected a finite number"
+    return None
+
+
+def _described(value: Any) -> str:
+    """A value's type, and the value itself when it is short to show (a str, a number)."""
+    if value is None:
+        return "None"
+    if isinstance(value, (str, bytes, numbers.Number)):
+        return f"a {type(value).__name__} {value!r:.60}"
+    return f"a {type(value).__name__}"

@@ -6,6 +6,11 @@ processes unchanged:
   response_ids [B, R]    right-padded responses   response_mask [B, R]  1 up to and including the
                                                                         first stop token
   finished [B]           whether the response ended with a stop token
+  gen_logprobs [B, R]    the generator's log-prob of each response token it sampled (its behaviour policy:
+                         rlhf.ppo.truncated_is_weights), 0 off the mask: log softmax(logits / temperature),
+                         the definition of the actor's old log-probs, so that the two differ only by
+                         weights (an asynchronous rollout) and numerics (another engine), not by top-k,
+                         top-p or min_new_tokens, which neither side's log-probs see
   prompt_index [B, 2]    (source, record) of the prompt in dataset_config.ppo_datas (added by the
                          PPO loop): a role that needs the prompt's messages (a reward model with a
                          tokenizer or system prompt of its own) rebuilds them from its copy of the data
@@ -20,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from transformers import GenerationConfig, PreTrainedModel
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, MinNewTokensLengthLogitsProcessor, PreTrainedModel
 
 from rlhf.core.config import JobSpec
 
@@ -94,6 +99,35 @@ def pad_right(chunks: list[Tensor], value: int) -> Tensor:
     return torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=value) for c in chunks])
 
 
+class BehaviourLogprobs(LogitsProcessor):
+    """Records, during one Hugging Face ``generate`` call, log softmax(logits / temperature) of every token
+    it samples: the behaviour log-probs of the rollout.
+
+    A processor given to ``generate`` runs after generate's own processors and before its temperature, top-k
+    and top-p warpers; ``hf_generate`` leaves min_new_tokens out of the generation config and adds its processor
+    after this one, so this one sees the model's own logits. The token a step samples is known only at the next
+    call (the last one at ``finish``), so one step's log-probs [b, V] are kept until then, never the history."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.last: Tensor | None = None
+        self.picked: list[Tensor] = []
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if self.last is not None:
+            self.picked.append(self.last.gather(1, input_ids[:, -1:]))
+        self.last = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def finish(self, responses: Tensor) -> Tensor:
+        """[b, r] log-probs of the ``responses`` (the generated tokens, [b, r]) of this call."""
+        if self.last is not None and len(self.picked) < responses.shape[1]:
+            self.picked.append(self.last.gather(1, responses[:, len(self.picked) : len(self.picked) + 1]))
+        self.last = None
+        out = torch.cat(self.picked, dim=1) if self.picked else responses.new_zeros(responses.shape, dtype=torch.float32)
+        return out[:, : responses.shape[1]]
+
+
 @torch.no_grad()
 def hf_generate(
     model: PreTrainedModel,
@@ -112,26 +146,45 @@ def hf_generate(
     ``lockstep``: every rank of the default group runs forward passes until all are done
     (``synced_gpus``). A ZeRO-3 model needs it: its parameter hooks communicate on every
     forward, so a rank whose responses all stopped early must not leave while others go on.
+    The rollout carries the behaviour log-probs of the sampled tokens (``BehaviourLogprobs``).
     """
     config = settings.generation_config()
-    chunks = []
+    # min_new_tokens is applied by a processor after BehaviourLogprobs, which must see the logits unbanned. None, not 0:
+    # generate turns any set min_new_tokens into min_length = prompt + min_new_tokens and adds a MinLengthLogitsProcessor
+    # (a no-op here that clones the logits every step); TRL's PPO leaves it unset too.
+    config.min_new_tokens = None
+    chunks, logprob_chunks = [], []
     for start in range(0, prompt_ids.shape[0], micro_bs):
         if seed_of is not None:
             torch.manual_seed(seed_of(first_row + start))
         ids, mask = prompt_ids[start : start + micro_bs], prompt_mask[start : start + micro_bs]
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, synced_gpus=lockstep)
+        behaviour = BehaviourLogprobs(settings.temperature)
+        processors = LogitsProcessorList([behaviour])
+        if settings.min_new_tokens:
+            processors.append(MinNewTokensLengthLogitsProcessor(ids.shape[1], settings.min_new_tokens, list(settings.stop_ids), ids.device))
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, synced_gpus=lockstep,
+                             logits_processor=processors)
         chunks.append(out[:, ids.shape[1] :])
-    return rollout_batch(prompt_ids, prompt_mask, chunks, settings)
+        logprob_chunks.append(behaviour.finish(chunks[-1]))
+    return rollout_batch(prompt_ids, prompt_mask, chunks, settings, logprob_chunks)
 
 
-def rollout_batch(prompt_ids: Tensor, prompt_mask: Tensor, chunks: list[Tensor], settings: SamplingSettings) -> Batch:
+def rollout_batch(
+    prompt_ids: Tensor, prompt_mask: Tensor, chunks: list[Tensor], settings: SamplingSettings, logprob_chunks: list[Tensor] | None = None,
+) -> Batch:
     """A rollout from generated tokens (``chunks``: [b, r] blocks of rows in prompt order, any
-    widths): padded right, masked after each first stop token, with ``finished`` set."""
+    widths): padded right, masked after each first stop token, with ``finished`` set; with
+    ``logprob_chunks`` (the same shapes, float) also ``gen_logprobs``, 0 off the mask."""
     responses = pad_right(chunks, settings.pad_id).to(prompt_ids.device)
     mask = response_mask(responses, settings.stop_ids)
     responses = responses.masked_fill(mask == 0, settings.pad_id)
     finished = torch.isin(responses, torch.tensor(settings.stop_ids, device=responses.device)).any(1)
-    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": responses, "response_mask": mask, "finished": finished}
+    batch = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": responses, "response_mask": mask, "finished": finished}
+    if logprob_chunks is not None:
+        width = responses.shape[1]
+        logprobs = torch.cat([torch.nn.functional.pad(c.float(), (0, width - c.shape[1])) for c in logprob_chunks]).to(prompt_ids.device)
+        batch["gen_logprobs"] = logprobs.masked_fill(mask == 0, 0.0)
+    return batch
 
 
 def sequences(batch: Batch) -> tuple[Tensor, Tensor]:

@@ -29,6 +29,11 @@ class Timer:
             self.synchronize()
             self.totals[section] += time.perf_counter() - start
 
+    def add(self, sections: dict[str, float]) -> None:
+        """Add seconds measured elsewhere (another thread's Timer) to these sections."""
+        for name, seconds in sections.items():
+            self.totals[name] += seconds
+
     def pop(self) -> dict[str, float]:
         """The totals since the last pop."""
         totals, self.totals = dict(self.totals), defaultdict(float)

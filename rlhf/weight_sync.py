@@ -5,10 +5,12 @@ arrives (``receive_stream``).
 
 The parameters travel in chunks: one per decoder layer (every parameter whose name starts with
 the same prefix up to the first numeric component, ``model.layers.3``), and one per other
-parameter (embeddings, final norm, head). Under ZeRO-3 every actor rank joins in gathering one
-chunk at a time and rank 0 sends it before the next is gathered, so no rank ever holds more than
-one layer beyond its own shard; a vLLM engine gets each layer whole and in order (it fuses q/k/v
-and gate/up from parts that must arrive together).
+parameter (embeddings, final norm, head). Chunks are pipelined one deep: the next one is gathered
+and its transfers started before the previous one is waited for, so the link does not idle
+between chunks. Under ZeRO-3 every actor rank joins in gathering the chunks in turn and releases
+each once it has been sent, so no rank ever holds more than two consecutive chunks (two layers)
+beyond its own shard; a vLLM engine gets each layer whole and in order (it fuses q/k/v and
+gate/up from parts that must arrive together).
 
 Every sync starts with a manifest (names, full shapes, dtypes, chunks) so that a receiver needs
 no model of its own to know what comes, and one that has a model finds out at once when it does
@@ -22,6 +24,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -33,6 +36,7 @@ DIRECT_BYTES = 1 << 20  # tensors this large travel alone, straight from and int
 # (name, full shape, dtype as it travels, chunk index) of each parameter, in the sender's order
 Manifest = list[tuple[str, tuple[int, ...], str, int]]
 Transfer = list[tuple[str, Tensor]]
+T = TypeVar("T")
 # Makes the given parameters whole on this rank for the duration (ZeRO-3's gather; a no-op otherwise).
 Gather = Callable[[list[Tensor]], AbstractContextManager[None]]
 
@@ -131,18 +135,22 @@ def send_weights(
     if group is not None:
         group.broadcast_object(manifest, src)
     tensors = dict(named)
+
+    def start(transfers: list[Transfer]) -> tuple[contextlib.ExitStack, list]:
+        held = outer.enter_context(contextlib.ExitStack())  # closed early, once the chunk has gone; by ``outer`` on an error
+        held.enter_context(gather([tensors[name] for transfer in transfers for name, _ in transfer]))
+        if group is None:
+            return held, []
+        # Each transfer is prepared while the previous travels.
+        return held, [(flat, _start(group, flat, src)) for flat in (_flat_to_send(t, tensors, device) for t in transfers)]
+
     sent = 0
-    for transfers in plan_chunks(manifest):
-        with gather([tensors[name] for transfer in transfers for name, _ in transfer]):
-            if group is None:
-                continue
-            started = []
-            for transfer in transfers:  # the next one is prepared while the previous travels
-                flat = _flat_to_send(transfer, tensors, device)
-                started.append((flat, _start(group, flat, src)))
+    with contextlib.ExitStack() as outer:
+        for held, started in _one_ahead(plan_chunks(manifest), start):
             for flat, work in started:
                 work.wait()  # before the chunk is released
                 sent += flat.numel() * flat.element_size()
+            held.close()
     return sent
 
 
@@ -162,14 +170,18 @@ def receive_weights(named: list[tuple[str, Tensor]], src: int, group, device: to
     manifest = group.broadcast_object(None, src)
     check_manifest(manifest, manifest_of(named))
     tensors = dict(named)
-    received = 0
-    for transfers in plan_chunks(manifest):
+
+    def start(transfers: list[Transfer]) -> list:
         started = []
         for transfer in transfers:
             own = tensors[transfer[0][0]]
             direct = len(transfer) == 1 and own.device == device and own.is_contiguous()
             flat = own.data if direct else _empty_flat(transfer, device)  # direct: straight into the parameter
             started.append((transfer, flat, direct, _start(group, flat, src)))
+        return started
+
+    received = 0
+    for started in _one_ahead(plan_chunks(manifest), start):
         for transfer, flat, direct, work in started:
             work.wait()
             if not direct:
@@ -182,13 +194,31 @@ def receive_weights(named: list[tuple[str, Tensor]], src: int, group, device: to
 @torch.no_grad()
 def receive_stream(src: int, group, device: torch.device) -> Iterator[tuple[str, Tensor]]:
     """The broadcast as ``(name, tensor)`` pairs in the sender's order, each yielded as soon as it
-    has arrived, a chunk (decoder layer) complete before the next begins: a consumer that loads
-    them one by one never holds the whole model twice."""
-    for transfers in plan_chunks(group.broadcast_object(None, src)):
-        started = [(transfer, _start(group, flat, src), flat) for transfer in transfers for flat in [_empty_flat(transfer, device)]]
+    has arrived, a chunk (decoder layer) complete before the next: a consumer that loads them one by
+    one holds at most two chunks (the one it loads, the next arriving) beside its model, never the
+    whole model twice."""
+    def start(transfers: list[Transfer]) -> list:
+        return [(transfer, _start(group, flat, src), flat) for transfer in transfers for flat in [_empty_flat(transfer, device)]]
+
+    # The next chunk arrives while the consumer loads this one.
+    for started in _one_ahead(plan_chunks(group.broadcast_object(None, src)), start):
         for transfer, work, flat in started:
             work.wait()
             yield from zip((name for name, _ in transfer), _split(flat, transfer), strict=True)
+
+
+def _one_ahead(chunks: list[list[Transfer]], start: Callable[[list[Transfer]], T]) -> Iterator[T]:
+    """``start(chunk)`` of each chunk, in order, each handed on only once the next chunk has been started:
+    the caller waits for a chunk (and releases it) while the next already travels, so that the link never
+    idles for a round trip of the host between chunks. At most two chunks are in flight (and, under
+    ZeRO-3, gathered) at once."""
+    previous: list[T] = []
+    for chunk in chunks:
+        current = start(chunk)
+        if previous:
+            yield previous.pop()
+        previous.append(current)
+    yield from previous
 
 
 def check_manifest(sent: Manifest, expected: Manifest) -> None:

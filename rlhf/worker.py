@@ -11,6 +11,10 @@ import argparse
 import os
 import sys
 import threading
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 # Set by ``rlhf-launch --local``: a pipe whose write end only the launcher holds, and its pid.
 LAUNCHER_FD_ENV = "RLHF_LAUNCHER_FD"
@@ -69,6 +73,18 @@ def _configure_threads() -> None:
         torch.set_num_threads(int(threads))
 
 
+def device_env(device: torch.device) -> dict[str, str]:
+    """The environment updates that make LOCAL_RANK name ``device``, this rank's GPU among those its
+    task sees; none on the CPU.
+
+    DeepSpeed (its engine and zero.Init) takes the device from LOCAL_RANK. A task bound to its own GPU
+    (Slurm's --gpu-bind or --gpus-per-task) sees it as device 0 whatever its SLURM_LOCALID: left at the
+    local id, LOCAL_RANK would name a device that this task does not have ("invalid device ordinal")."""
+    if device.type != "cuda":
+        return {}
+    return {"LOCAL_RANK": str(device.index or 0)}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run this rank to the end of the job; returns the exit status (failures exit from fail_fast)."""
     p = argparse.ArgumentParser(prog="python -m rlhf.worker", description="One rank of an rlhf-launch job.")
@@ -81,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
 
     notice = PreemptionNotice()
     guard = LauncherGuard.from_env()
+    from rlhf.run_lock import adopt_from_env
+
+    adopt_from_env()  # global rank 0 of a --local run: the launcher's lock of the run folder, to take over
 
     from rlhf.core.resolved import ResolvedSpecError, load_resolved
 
@@ -91,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     spec, run_dir = resolved.spec, resolved.run_dir
 
-    from rlhf.dist import RendezvousError, Topology, Watchdog, fail_fast, rendezvous
+    from rlhf.dist import RendezvousError, Topology, Watchdog, fail_fast, leave, rendezvous
 
     try:
         topo = Topology.from_env(resolved.plan)
@@ -111,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(spec.run.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    os.environ.update(device_env(device))  # before DeepSpeed reads it
     print(f"rlhf: {topo.describe(topo.rank)} on {device}", file=sys.stderr, flush=True)
     try:
         store = rendezvous(topo, device, spec.run.rendezvous_timeout_s)
@@ -124,8 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         cluster.close()  # a real barrier: rank 0 hosts the store and must not leave first
     except BaseException as exc:  # noqa: BLE001 - every failure must reach the other ranks
         fail_fast(watchdog, exc)
-    watchdog.stop()
-    torch.distributed.destroy_process_group()
+    leave(watchdog)  # global rank 0, which serves the store, only after every rank has stopped its watchdog
     return 0
 
 

@@ -337,12 +337,9 @@ def check_resume_and_ranks(tmp_path: Path, single: Mapping[str, Any], keys: tupl
     a run stopped after ``steps - 1`` steps and resumed equals the uninterrupted ``steps``-step run (timings aside),
     and the same spec with two actor ranks, each in a process of its own (``--local --processes``), matches the
     first ``steps - 1`` steps to 1e-5 on ``keys``. Returns the uninterrupted run's metrics."""
-    import subprocess
-    import sys
 
     import pytest
 
-    from rlhf.core import yaml_io
     from rlhf.loop import run_local
     from rlhf.metrics import read_metrics
 
@@ -354,18 +351,29 @@ def check_resume_and_ranks(tmp_path: Path, single: Mapping[str, Any], keys: tupl
     run_local(make_spec(full), tmp_path / "resumed", resume="auto", quiet=True)
     assert without_timing(read_metrics(tmp_path / "resumed")) == without_timing(straight)
 
-    ranks = {**full, **layout(actor=2), "train_config.max_train_step": steps - 1}
-    spec_file = tmp_path / "ranks.yaml"
-    spec_file.write_text(yaml_io.dump(spec_dict(ranks, run_dir=tmp_path / "ranks")))
-    proc = subprocess.run([sys.executable, "-m", "launcher.cli", str(spec_file), "--local", "--processes"],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = read_metrics(tmp_path / "ranks")
+    got = run_processes(tmp_path, {**full, **layout(actor=2), "train_config.max_train_step": steps - 1}, "ranks")
     assert len(got) == steps - 1
     for a, b in zip(got, straight, strict=False):
         for key in keys:
             assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
     return straight
+
+
+def run_processes(tmp_path: Path, overrides: Mapping[str, Any], name: str) -> list[dict]:
+    """The tiny spec with ``overrides`` run by ``rlhf-launch --local --processes`` (one process per rank) into
+    ``tmp_path / name``; its metrics rows (the run must succeed)."""
+    import subprocess
+    import sys
+
+    from rlhf.core import yaml_io
+    from rlhf.metrics import read_metrics
+
+    spec_file = tmp_path / f"{name}.yaml"
+    spec_file.write_text(yaml_io.dump(spec_dict(overrides, run_dir=tmp_path / name)))
+    proc = subprocess.run([sys.executable, "-m", "launcher.cli", str(spec_file), "--local", "--processes"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return read_metrics(tmp_path / name)
 
 
 def assert_runs_agree(tmp_path: Path, changed: Mapping[str, Any], keys: tuple[str, ...], steps: int = 2, tol: float = 1e-5) -> None:

@@ -41,3 +41,22 @@ def test_cpu_when_asked_or_when_there_is_no_gpu(gpus):
     assert pick_device("auto", {}) == torch.device("cpu")
     gpus(4)
     assert pick_device("cpu", {"LOCAL_RANK": "2"}) == torch.device("cpu")
+
+
+def test_a_task_bound_to_its_own_gpu_tells_deepspeed_device_zero(gpus):
+    # Slurm --gpu-bind / --gpus-per-task: the task of local id 3 sees only its own GPU. DeepSpeed and
+    # zero.Init take their device from LOCAL_RANK: left at 3 they would ask for a GPU that does not exist.
+    from rlhf.worker import device_env
+
+    gpus(1)
+    env = {"SLURM_LOCALID": "3", "LOCAL_RANK": "3"}
+    env.update(device_env(pick_device("auto", env)))
+    assert env["LOCAL_RANK"] == "0"
+
+
+def test_the_local_rank_is_left_alone_on_the_cpu_and_kept_when_it_names_the_gpu(gpus):
+    from rlhf.worker import device_env
+
+    gpus(8)
+    assert device_env(pick_device("auto", {"LOCAL_RANK": "5"})) == {"LOCAL_RANK": "5"}
+    assert device_env(torch.device("cpu")) == {}

@@ -123,9 +123,18 @@ def test_vllm_generator_group_trains_like_hf_generate(tiny_models, tmp_path, eng
 
 @pytest.mark.slow
 def test_vllm_generator_resumes_from_the_checkpoint_weights(tiny_models, tmp_path):
-    """After --resume the engines must generate from the checkpoint's policy, not the initial one."""
-    sets = [*GREEDY, GENERATOR.format("vllm", 1, 2), "train_config.save_interval=2"]
-    assert_resumed_equals_straight(tmp_path, sets, [*COMPARED, "response_len_mean"])
+    """After --resume the engines must generate from the checkpoint's policy, not the initial one. Asynchronous
+    (max_staleness 1): each engine rank samples the next step's rollout in a thread while the trainers train, the
+    checkpoint carries that rollout, and the run equals HF generate sampling ahead in one process."""
+    sets = [*GREEDY, GENERATOR.format("vllm", 1, 2), "train_config.save_interval=2", "rollout_config.max_staleness=1"]
+    keys = [*COMPARED, "response_len_mean", "gen_logprob_gap"]
+    assert_resumed_equals_straight(tmp_path, sets, keys)
+    with_hf = run_local(load_spec(TINY, [*GREEDY, GENERATOR.format("hf", 1, 1), "rollout_config.max_staleness=1",
+                                         "train_config.max_train_step=4"]).spec, tmp_path / "hf", quiet=True)
+    for a, b in zip(read_metrics(tmp_path / "straight"), with_hf, strict=True):
+        for key in keys:
+            assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
+    assert with_hf[-1]["gen_logprob_gap"] > 1e-3  # the rollouts lag one update behind the actor
 
 
 def assert_resumed_equals_straight(tmp_path, sets, keys):

@@ -110,3 +110,53 @@ def test_an_inference_engine_without_deepspeed_runs_micro_batches_whole_and_refu
     assert calls == [2, 2, 1]
     with pytest.raises(ValueError, match="ZeRO stage 3"):
         InferenceEngine(module, {"zero_optimization": {"stage": 2}})
+
+
+def _trained_deepspeed(role: str, dtype: str, ds: dict) -> dict:
+    from tests.factory import layout
+
+    return {**layout(critic=2), f"model_configs.{role}.torch_dtype": dtype,
+            f"model_configs.{role}.trainer_config.parallel.data.mode": "deepspeed",
+            f"model_configs.{role}.trainer_config.deepspeed_config": ds}
+
+
+@pytest.mark.parametrize(("dtype", "expected"), [("bfloat16", {"bf16": {"enabled": True}}), ("float16", {"fp16": {"enabled": True}}),
+                                                 ("float32", {})])
+def test_a_trained_half_precision_model_gets_deepspeeds_fp32_master_weights(dtype, expected):
+    """Without bf16/fp16 enabled DeepSpeed would apply Adam to the bf16 weights themselves, where updates
+    of ~lr round away: the trained role's config gets the precision of its model, as a frozen one's does."""
+    from rlhf.engine import deepspeed_config
+    from tests.factory import make_spec
+
+    stage2 = {"zero_optimization": {"stage": 2}}
+    spec = make_spec(_trained_deepspeed("critic", dtype, stage2))
+    config = deepspeed_config(spec.model_configs.critic, spec.train_micro_batch("critic"), spec.train_minibatch("critic"))
+    assert {k: config[k] for k in ("bf16", "fp16") if k in config} == expected
+    assert spec.model_configs.critic.trainer_config.deepspeed_config == stage2  # the spec's own dict is left alone
+
+
+def test_a_deepspeed_trainer_keeps_master_weights_for_half_parameters_whatever_the_spec_said():
+    """torch_dtype 'auto' may load a bf16 checkpoint in bf16: the trainer enables the precision of the
+    parameters it is given when the config names none."""
+    from rlhf.engine import with_model_precision
+
+    stage2 = {"zero_optimization": {"stage": 2}}
+    half = torch.nn.Linear(2, 2).to(torch.bfloat16)
+    assert with_model_precision(stage2, half) == {**stage2, "bf16": {"enabled": True}}
+    assert stage2 == {"zero_optimization": {"stage": 2}}
+    assert with_model_precision(stage2, torch.nn.Linear(2, 2)) == stage2
+    disabled = {**stage2, "fp16": {"enabled": False}}
+    with pytest.raises(ValueError, match="no fp32 master weights"):
+        with_model_precision(disabled, half)
+
+
+@pytest.mark.parametrize("section", ["bf16", "fp16"])
+def test_the_checks_refuse_a_trained_bf16_model_whose_deepspeed_config_disables_half_precision(section):
+    from rlhf.core.problems import SpecError
+    from tests.factory import make_spec
+
+    with pytest.raises(SpecError) as caught:
+        make_spec(_trained_deepspeed("actor", "bfloat16", {"zero_optimization": {"stage": 2}, section: {"enabled": False}}))
+    errors = {p.path: p.message for p in caught.value.errors}
+    message = errors.get(f"model_configs.actor.trainer_config.deepspeed_config.{section}", "")
+    assert "no fp32 master weights" in message and "\n" not in message, errors

@@ -198,3 +198,28 @@ def test_gae_needs_values():
     rollout, logp, ref, scores = _grouped_batch()
     with pytest.raises(ValueError, match="needs the critic's values"):
         make_experience(ExperienceSettings(), rollout, logp, ref, None, scores, RewardMoments())
+
+
+# --------------------------------------------------------------------------- behaviour log-probs
+@pytest.mark.parametrize("cap", [None, 1.2])
+def test_generator_logprob_gap_and_truncated_is_weights_match_plain_loops(cap):
+    rollout, logp, _, scores = _grouped_batch()
+    g = torch.Generator().manual_seed(3)
+    gen = logp + 0.2 * torch.randn(logp.shape, generator=g, dtype=torch.float64)
+    rollout = {**rollout, "gen_logprobs": gen.masked_fill(rollout["response_mask"] == 0, 0.0)}
+    settings = ExperienceSettings(advantage_estimator="grpo", kl_coeff=0.0, group_size=4, tis_cap=cap)
+    exp, metrics = make_experience(settings, rollout, logp, None, None, scores, RewardMoments())
+    mask = rollout["response_mask"]
+    gaps, weights = [], torch.zeros_like(logp)
+    for i in range(logp.shape[0]):
+        for t in range(logp.shape[1]):
+            if mask[i, t]:
+                gaps.append(abs(float(logp[i, t] - gen[i, t])))
+                weights[i, t] = min(math.exp(float(logp[i, t] - gen[i, t])), cap or math.inf)
+    assert metrics["gen_logprob_gap"] == pytest.approx(sum(gaps) / len(gaps))
+    if cap is None:
+        assert "is_weights" not in exp and "tis_weight_mean" not in metrics
+    else:
+        torch.testing.assert_close(exp["is_weights"], weights)
+        assert metrics["tis_weight_mean"] == pytest.approx(float(weights[mask.bool()].mean()))
+        assert metrics["tis_weight_max"] == pytest.approx(float(weights.max())) and metrics["tis_weight_max"] <= cap

@@ -15,6 +15,7 @@ import pytest
 from launcher.cli import main
 from launcher.local import gpu_shortage, local_gpus, one_process_blocker, one_process_threads, rank_environments
 from launcher.spec import load_spec
+from rlhf.run_lock import holder
 from rlhf.worker import LAUNCHER_FD_ENV, LAUNCHER_PID_ENV
 from tests.conftest import ROOT
 
@@ -132,6 +133,7 @@ def test_ranks_exit_when_the_launcher_is_killed(tiny_models, tmp_path):
             time.sleep(0.3)
         ranks = _children(launcher.pid)
         assert len(ranks) == 4, ranks
+        assert holder(run_dir).pid in ranks  # global rank 0 took the launcher's lock of the folder over
         launcher.send_signal(signal.SIGKILL)
         launcher.wait()
         killed_at = time.monotonic()
@@ -142,6 +144,7 @@ def test_ranks_exit_when_the_launcher_is_killed(tiny_models, tmp_path):
         logs = err + "".join(p.read_text() for p in (run_dir / "logs").glob("local-rank*.log"))
         assert logs.count(f"stopping: the launcher (pid {launcher.pid}) is gone") == 4, logs[-3000:]
         assert "critic rank 0 (global rank 1) stopping: the launcher" in logs
+        assert holder(run_dir) is None  # gone with the ranks
     finally:
         for pid in ranks:
             if _alive(pid):

@@ -75,3 +75,24 @@ def test_value_heads_run_in_fp32(tiny_models):
         values = head_scores(critic.model.score, hidden)
     expected = hidden @ critic.model.score.weight.float().T
     torch.testing.assert_close(values, expected.squeeze(-1), rtol=1e-6, atol=1e-6)
+
+
+def test_a_bf16_value_head_computes_in_fp32_and_through_its_module_call():
+    # A DeepSpeed bf16 critic keeps its ``score`` in bf16: the head must still compute in fp32 (a value of a
+    # few units in bf16 keeps two or three digits), and be called as a module, since ZeRO-3 gathers a
+    # partitioned head's weights in hooks around that call.
+    gen = torch.Generator().manual_seed(0)
+    score = torch.nn.Linear(64, 1, bias=True).to(torch.bfloat16)
+    with torch.no_grad():
+        score.weight.copy_(torch.randn(1, 64, generator=gen))
+        score.bias.fill_(0.3)
+    hidden = torch.randn(4, 5, 64, generator=gen).to(torch.bfloat16)  # a bf16 model's hidden states
+    calls = []
+    score.register_forward_pre_hook(lambda module, args: calls.append(module))
+    values = head_scores(score, hidden)
+    expected = torch.nn.functional.linear(hidden.float(), score.weight.float(), score.bias.float()).squeeze(-1)
+    in_bf16 = torch.nn.functional.linear(hidden, score.weight, score.bias).squeeze(-1).float()  # what it computed before
+    assert values.dtype == torch.float32 and calls[0] is score
+    torch.testing.assert_close(values, expected, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(values, in_bf16, rtol=1e-6, atol=1e-6)
+    assert score.weight.dtype == torch.bfloat16  # the weights themselves are left as DeepSpeed keeps them

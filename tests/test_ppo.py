@@ -552,3 +552,38 @@ def test_normalize_by_moments_of_constant_scores_is_zero_and_needs_a_count():
     assert ppo.normalize_by_moments(batch, count, mean, m2).tolist() == [0.0] * 4
     with pytest.raises(ValueError, match="at least one value"):
         ppo.normalize_by_moments(batch, 0, 0.0, 0.0)
+
+
+def ref_is_weights(old, gen, mask, cap):
+    """min(exp(old - gen), cap) on the mask, 0 off it, one token at a time."""
+    out = torch.zeros_like(old)
+    for i in range(old.shape[0]):
+        for t in range(old.shape[1]):
+            if mask[i, t]:
+                out[i, t] = min(math.exp(float(old[i, t] - gen[i, t])), cap)
+    return out
+
+
+@pytest.mark.parametrize("case", range(len(LAYOUTS)))
+def test_truncated_is_weights_match_loop(case):
+    gen, mask = list(layouts())[case]
+    old = rand(gen, *mask.shape) - 2
+    behaviour = old + 0.8 * rand(gen, *mask.shape)
+    behaviour[mask == 0] = 1e4  # garbage off the mask must not overflow
+    weights = ppo.truncated_is_weights(old, behaviour, mask, cap=1.3)
+    assert_close(weights, ref_is_weights(old, behaviour, mask, 1.3))
+    assert float(weights.max()) <= 1.3
+
+
+@pytest.mark.parametrize("loss_type", ["per_token", "per_seq"])
+def test_policy_loss_with_is_weights_matches_loop_and_weights_get_no_grad(loss_type):
+    gen, mask = list(layouts())[1]
+    old = rand(gen, *mask.shape) - 2
+    logp = (old + 0.4 * rand(gen, *mask.shape)).requires_grad_(True)
+    adv = rand(gen, *mask.shape)
+    weights = (0.5 + rand(gen, *mask.shape).abs()).requires_grad_(True)
+    loss, _ = ppo.policy_loss(logp, old, adv, mask, 0.2, loss_type=loss_type, is_weights=weights)
+    tok, _, _ = ref_policy_tokens(logp.detach(), old, adv, 0.2)
+    assert_close(loss.detach(), scalar(ref_aggregate(tok * weights.detach(), mask, loss_type)))
+    loss.backward()
+    assert weights.grad is None and logp.grad is not None

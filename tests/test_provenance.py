@@ -9,6 +9,8 @@ import re
 import sys
 from importlib import metadata
 
+import pytest
+
 from launcher.submit import status_report
 from rlhf import provenance
 from tests.conftest import ROOT
@@ -59,6 +61,32 @@ def test_a_run_and_its_resume_each_add_a_record(tiny_models, tmp_path):
     assert resumed["start_step"] == 1 and resumed["resumed_from"].endswith("checkpoints/step-00000001")
     assert first["spec"]["file"] is None and len(first["spec"]["sha256"]) == 64  # no spec file: the resolved spec is hashed
     assert first["spec"]["sha256"] != resumed["spec"]["sha256"]  # max_train_step differs
+
+
+def test_the_record_is_written_before_the_first_step(tiny_models, tmp_path, monkeypatch):
+    """The first step finds this start's record on disk and no metrics yet: a run that fails in its
+    first step (or hangs in it) still says what it ran with."""
+    from launcher.spec import load_spec
+    from rlhf.loop import PPOLoop, run_local
+    from rlhf.metrics import read_metrics
+
+    class FirstStep(Exception):
+        pass
+
+    seen = {}
+
+    def first_step(loop):
+        seen["records"] = provenance.read_records(tmp_path)
+        seen["metrics"] = read_metrics(tmp_path) if (tmp_path / "metrics.jsonl").exists() else []
+        raise FirstStep  # nothing more to see: the step itself is not needed
+
+    monkeypatch.setattr(PPOLoop, "ppo_step", first_step)
+    with pytest.raises(FirstStep):
+        run_local(load_spec(TINY, ["train_config.max_train_step=1"]).spec, tmp_path, quiet=True)
+    (record,) = seen["records"]
+    assert (record["start_step"], record["resumed_from"]) == (0, None)
+    assert seen["metrics"] == []
+    assert provenance.read_records(tmp_path) == seen["records"]  # the failed step added or changed nothing
 
 
 def test_status_of_a_local_run_shows_versions_and_notes_a_resume_under_other_versions(tmp_path):

@@ -101,7 +101,10 @@ def test_actor_adds_weight_times_the_lm_loss_gradient(tiny_models):
     assert float(loss.detach()) > 1.0  # a tiny random model: far from 0, so the gradient check means something
     for name, param in params.items():
         torch.testing.assert_close(got[name], param.grad, rtol=1e-4, atol=1e-7)
-    assert actor._ptx_update(batch, 8, 7) == {}  # 7 sequences over 8 updates: the last gets none
+    actor.model.zero_grad()
+    # 7 sequences over 8 updates: the last gets none, but runs the micro step of the others (loss x 0).
+    assert actor._ptx_update(batch, 8, 7) == {"ptx_loss": 0.0}
+    assert all(p.grad is None or not p.grad.any() for p in params.values())
 
 
 def test_ptx_spec_checks():
@@ -115,9 +118,7 @@ def test_ptx_spec_checks():
     loaded = load(_ptx(**{"train_config.pretrain_loss_weight": 0.0}))
     assert [p.path for p in loaded.warnings if "never used" in p.message] == ["pretrain_dataset_config"]
     assert not [p for p in load(_ptx()).warnings if p.path == "pretrain_dataset_config"]
-    with pytest.raises(SpecError) as info:
-        load({**_ptx(), **zero(2, "actor")})
-    assert any("not supported under DeepSpeed" in p.message for p in info.value.problems)
+    load({**_ptx(), **zero(2, "actor")})  # a DeepSpeed actor trains with PPO-ptx too
 
 
 def test_preflight_checks_pretraining_records(tiny_models, tmp_path):
@@ -143,3 +144,58 @@ def test_ptx_distributed_and_resumed_runs_equal_one_uninterrupted_process(tiny_m
     straight = check_resume_and_ranks(
         tmp_path, single, ("reward_mean", "kl", "policy_loss", "actor_ptx_loss", "value_loss", "response_len_mean"))
     assert all(math.isfinite(row["actor_ptx_loss"]) and row["actor_ptx_loss"] > 0 for row in straight)
+
+
+def test_every_update_runs_the_micro_steps_of_the_largest_ptx_part_and_deepspeed_counts_them():
+    """7 sequences over 2 updates x 2 ranks, micro batches of 1: parts of 4 and 3 rows, the largest share 2 rows, so
+    2 ptx micro steps per update, on top of the PPO minibatch's; DeepSpeed's accumulation boundary counts both."""
+    from rlhf.core.plan import micro_steps, optimizer_steps, ptx_micro_steps
+    from rlhf.engine import deepspeed_config
+    from tests.factory import layout
+
+    ds = {"model_configs.actor.trainer_config.parallel.data.mode": "deepspeed",
+          "model_configs.actor.trainer_config.deepspeed_config": {"zero_optimization": {"stage": 3}}}
+    spec = make_spec(_ptx(**{**layout(actor=2), **ds, "train_config.ppo_epochs": 1, "train_config.actor_micro_bs": 1,
+                             "train_config.ppo_minibatch": 16, "dataset_config.num_samples_each_epoch": 32}))
+    assert optimizer_steps(spec, "actor") == 2
+    assert ptx_micro_steps(spec) == 2
+    assert ptx_micro_steps(make_spec(layout(actor=2))) == 0
+    ppo_steps = micro_steps(16, 2, 1)
+    config = deepspeed_config(spec.model_configs.actor, 1, 16, ptx_micro_steps(spec))
+    assert config["gradient_accumulation_steps"] == ppo_steps + 2 == 10
+    assert config["train_batch_size"] == 1 * 10 * 2
+
+
+def test_given_deepspeed_batch_keys_must_count_the_ptx_micro_steps():
+    from rlhf.core.problems import SpecError
+    from tests.factory import layout, load
+
+    ds = {"model_configs.actor.trainer_config.parallel.data.mode": "deepspeed",
+          "model_configs.actor.trainer_config.deepspeed_config": {"zero_optimization": {"stage": 3}, "gradient_accumulation_steps": 8}}
+    common = {**layout(actor=2), **ds, "train_config.ppo_epochs": 1, "train_config.actor_micro_bs": 1,
+              "train_config.ppo_minibatch": 16, "dataset_config.num_samples_each_epoch": 32}
+    load(common)  # without ptx, 16 / (2 x 1) = 8 micro steps: as given
+    with pytest.raises(SpecError) as info:
+        load(_ptx(**common))
+    (problem,) = [p for p in info.value.problems if p.path.endswith("gradient_accumulation_steps")]
+    assert "expected 10" in problem.message and "PPO-ptx" in problem.message
+
+
+@pytest.mark.slow
+def test_ptx_with_a_zero3_actor_on_two_ranks_equals_one_process(tiny_models, tmp_path):
+    """The same 7 sequences with the actor under DeepSpeed ZeRO-3 (fp32) on 2 ranks, each in a process of its own:
+    DeepSpeed updates after the ptx micro steps of every minibatch, and the run matches one process to 1e-5."""
+    from rlhf.loop import run_local
+    from tests.factory import layout, run_processes
+
+    single = _ptx(**{"train_config.ppo_epochs": 1, "train_config.ppo_minibatch": 16, "train_config.max_train_step": 2,
+                     "train_config.save_interval": 0, "rollout_config.max_new_tokens": 8, "rollout_config.actor_micro_bs": 16})
+    straight = run_local(make_spec(single), tmp_path / "single", quiet=True)
+    ranks = {**single, **layout(actor=2), "model_configs.actor.trainer_config.parallel.data.mode": "deepspeed",
+             "model_configs.actor.trainer_config.deepspeed_config": {"zero_optimization": {"stage": 3}}}
+    got = run_processes(tmp_path, ranks, "zero3")
+    assert len(got) == len(straight) == 2
+    for a, b in zip(got, straight, strict=True):
+        for key in ("reward_mean", "policy_loss", "actor_ptx_loss", "actor_grad_norm", "kl"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
+    assert got[-1]["kl"] != 0  # the actor moved: DeepSpeed applied its updates

@@ -92,3 +92,40 @@ def test_generation_ignores_checkpoint_and_library_defaults(actor, tmp_path):
     torch.manual_seed(3)
     top1 = hf_generate(actor, ids, mask, settings(top_k=1), micro_bs=3)["response_ids"]
     assert not torch.equal(ours, top1)  # the knob itself works
+
+
+@pytest.mark.parametrize("temperature,min_new", [(1.0, 0), (0.7, 0), (1.0, 3)])
+def test_behaviour_logprobs_are_those_of_a_full_forward(actor, temperature, min_new):
+    """The log-probs generate records while it samples equal the actor's recomputed ones (the same weights and the
+    same distribution, through the KV cache instead of one forward), on the mask, and are 0 off it; min_new_tokens
+    bans the stop token from the first steps' sampling, not from their log-probs."""
+    from rlhf.models import PolicyModule
+    from rlhf.roles.common import policy_logprobs
+
+    ids, mask = prompts()
+    torch.manual_seed(1)
+    out = hf_generate(actor, ids, mask, settings(temperature=temperature, min_new_tokens=min_new), micro_bs=2)
+    assert (out["response_mask"].sum(1) >= min_new).all()
+    gen, resp_mask = out["gen_logprobs"], out["response_mask"]
+    assert gen.shape == out["response_ids"].shape and gen.dtype == torch.float32
+    with torch.no_grad():
+        full = policy_logprobs(PolicyModule(actor), out, temperature)
+    on = resp_mask.bool()
+    assert on.any() and (gen[on] < 0).all()
+    torch.testing.assert_close(gen[on], full[on], atol=1e-5, rtol=0)
+    assert (gen[~on] == 0).all()
+
+
+def test_behaviour_logprobs_ignore_top_k_but_follow_temperature(actor):
+    """The processor sees the model's own logits before the warpers: with top_k the log-probs stay those of the
+    whole tempered distribution, the definition the actor's old log-probs use."""
+    from rlhf.models import PolicyModule
+    from rlhf.roles.common import policy_logprobs
+
+    ids, mask = prompts()
+    torch.manual_seed(2)
+    out = hf_generate(actor, ids, mask, settings(temperature=0.8, top_k=5), micro_bs=3)
+    with torch.no_grad():
+        full = policy_logprobs(PolicyModule(actor), out, 0.8)
+    on = out["response_mask"].bool()
+    torch.testing.assert_close(out["gen_logprobs"][on], full[on], atol=1e-5, rtol=0)

@@ -94,3 +94,101 @@ def test_rank_zero_holds_the_lock_for_the_run(tmp_path):
         with pytest.raises(RunLocked):
             run(spec, tmp_path, quiet=True)
     assert not (tmp_path / "status.json").exists()  # the status belongs to the run that holds the folder
+
+
+def test_a_lock_handed_to_a_child_stays_held_by_it_until_it_ends(tmp_path):
+    """As the --local launcher hands its lock to global rank 0: the folder is never free between them."""
+    code = (
+        "import sys\n"
+        "from rlhf.run_lock import RunLock, adopt_from_env\n"
+        "adopt_from_env()\n"
+        f"lock = RunLock.acquire({str(tmp_path)!r}, retry_s=0)\n"  # no retry: a hand-over takes no waiting
+        "print('taken', lock.taken_over, flush=True)\n"
+        "sys.stdin.readline()\n"
+        "lock.release()\n"
+    )
+    lock = RunLock.acquire(tmp_path)
+    env, fds = lock.child_handover()
+    child = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, **env}, pass_fds=fds,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "taken None"  # a hand-over is no take-over of a dead run
+        assert holder(tmp_path).pid == child.pid
+        lock.release()  # the launcher lets go first: the child's descriptor keeps the folder locked
+        assert holder(tmp_path).pid == child.pid
+        with pytest.raises(RunLocked, match=f"pid {child.pid} "):
+            RunLock.acquire(tmp_path, retry_s=0.2)
+    finally:
+        child.communicate("\n", timeout=30)
+    assert child.returncode == 0
+    assert holder(tmp_path) is None
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == child.pid  # the run that took over is the one on record
+
+
+def test_a_lock_offered_in_this_process_is_taken_over_once_and_withdrawn_after(tmp_path):
+    with RunLock.acquire(tmp_path) as launcher:
+        with launcher.offered():
+            with RunLock.acquire(tmp_path, retry_s=0) as run:  # the one-process run: no deadlock on its own launcher
+                assert run.taken_over is None and holder(tmp_path).pid == os.getpid()
+                with pytest.raises(RunLocked):  # served once
+                    RunLock.acquire(tmp_path, retry_s=0.2)
+            assert holder(tmp_path) is not None  # the launcher still holds it
+        with launcher.offered():
+            pass  # not taken: withdrawn
+        with pytest.raises(RunLocked):
+            RunLock.acquire(tmp_path, retry_s=0.2)
+    assert holder(tmp_path) is None
+
+
+@pytest.mark.parametrize("processes", [False, True], ids=["one-process", "processes"])
+@pytest.mark.parametrize("skip_early_check", [False, True], ids=["checked", "unchecked"])
+def test_a_second_launch_while_the_first_starts_its_run_refuses_and_leaves_its_spec(
+    tiny_models, tmp_path, monkeypatch, capsys, processes, skip_early_check
+):
+    """The first launcher holds the folder from before it writes spec.yaml until its run is over:
+    a second launch in the window before its ranks take the lock over is refused, naming the first
+    launcher, and does not rewrite spec.yaml (which the first run's ranks have yet to read)."""
+    from launcher import cli, local
+
+    run_dir = tmp_path / "tiny_cpu"
+    spec = run_dir / "spec.yaml"
+    second: dict = {}
+
+    def start_run(*args, lock=None, **kwargs):  # where the first launch's ranks would be importing torch
+        assert holder(run_dir).pid == os.getpid()
+        assert (lock is not None) == processes  # --processes hands the lock on to rank 0
+        before = (spec.read_bytes(), spec.stat().st_mtime_ns)
+        if skip_early_check:  # the lock itself, not only the launcher's early look, keeps it out
+            monkeypatch.setattr(cli, "run_dir_in_use", lambda run_dir: None)
+        capsys.readouterr()  # the first launch's start line
+        second["status"] = main([str(TINY), "--output-dir", str(tmp_path), "--local", "--no-check",
+                                 "--set", "train_config.max_train_step=7"])
+        second["err"] = capsys.readouterr().err
+        second["unchanged"] = before == (spec.read_bytes(), spec.stat().st_mtime_ns)
+        return 0
+
+    monkeypatch.setattr(local, "run_local_ranks" if processes else "run_in_process", start_run)
+    first = ["--local", "--no-check"] + (["--processes"] if processes else [])
+    assert main([str(TINY), "--output-dir", str(tmp_path), *first]) == 0
+    assert second["status"] == 2
+    line = f"rlhf-launch: {run_dir} is in use by the run of pid {os.getpid()} on {socket.gethostname()} (started "
+    assert second["err"].startswith(line) and second["err"].count("\n") == 1, second["err"]
+    assert second["unchanged"]
+    assert "max_train_step: 7" not in spec.read_text()
+    assert holder(run_dir) is None  # the first launcher let go when its run was over
+
+
+def test_a_submission_holds_the_folder_only_while_it_writes_and_submits(tmp_path, monkeypatch):
+    from launcher import submit
+
+    run_dir = tmp_path / "tiny_cpu"
+    held_by: list = []
+
+    def sbatch(script, run_dir):
+        held_by.append(holder(run_dir))
+        return "1234"
+
+    monkeypatch.setattr(submit, "submit", sbatch)
+    assert main([str(TINY), "--output-dir", str(tmp_path), "--partition", "debug", "--no-check"]) == 0
+    assert held_by[0] is not None and held_by[0].pid == os.getpid()  # spec.yaml was written under the lock
+    assert holder(run_dir) is None  # the job's rank 0 locks the folder when it starts

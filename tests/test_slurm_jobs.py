@@ -113,7 +113,10 @@ def test_vllm_generator_group_on_its_own_node(tiny_models, slurm_env, tmp_path):
 
 
 def test_signalled_job_checkpoints_requeues_and_finishes_like_an_uninterrupted_one(tiny_models, slurm_env, tmp_path):
-    sets = [*THREE_GROUPS, "train_config.max_train_step=10", "train_config.save_interval=0"]
+    """Asynchronous (max_staleness 1, with truncated importance weights): the checkpoint the notice writes carries the
+    rollout the generator component sampled ahead, so the requeued job continues exactly."""
+    sets = [*THREE_GROUPS, "train_config.max_train_step=10", "train_config.save_interval=0", "rollout_config.max_staleness=1",
+            "train_config.tis_cap=2.0"]
     job = submit(slurm_env, tmp_path, sets, "preempted")
     run_dir = tmp_path / "preempted"
     deadline = time.monotonic() + 300
@@ -128,7 +131,7 @@ def test_signalled_job_checkpoints_requeues_and_finishes_like_an_uninterrupted_o
     assert [r["step"] for r in rows] == list(range(1, 11))
     single = run_local(load_spec(TINY, sets).spec, tmp_path / "single", quiet=True)
     for a, b in zip(rows, single, strict=True):
-        for key in COMPARED:
+        for key in [*COMPARED, "gen_logprob_gap", "tis_weight_mean"]:
             assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
 
 

@@ -95,6 +95,14 @@ class RolloutConfig:
         "dropped groups (and the step says so in its metrics).",
         minimum=1,
     )
+    max_staleness: int = option(
+        0,
+        "0: each step's responses come from the weights of the step before (synchronous). 1: a separate generator "
+        "group samples step k+1's responses while the trainers train on step k's, with the weights after step k-1, "
+        "so generation overlaps training (needs generator_config.shared_with_trainer false; not with dynamic_sampling). "
+        "train_config.tis_cap corrects for the lag.",
+        minimum=0, maximum=1,
+    )
     write_to_file: bool = option(
         False,
         "Append one JSON line per sample to RUN_DIR/rollouts.jsonl (global rank 0, every step): step, row, prompt and "
@@ -182,6 +190,14 @@ class TrainConfig:
     policy_clip: float = option(0.2, "PPO ratio clip: ratios outside [1-x, 1+x] get no gradient.", exclusiveMinimum=0)
     policy_clip_high: float | None = option(
         None, "Upper ratio clip, 1 + x (DAPO's clip-higher, e.g. 0.28). Default: policy_clip.", exclusiveMinimum=0
+    )
+    tis_cap: float | None = option(
+        None,
+        "Truncated importance sampling of the policy loss: each token's loss is weighted by min(pi_old / pi_gen, "
+        "tis_cap), pi_gen the generator's probability of the token it sampled (its behaviour log-prob). Corrects for "
+        "an asynchronous rollout (rollout_config.max_staleness 1) and for a generator whose numerics differ from the "
+        "actor's (vLLM). 2.0 is the usual choice. Default: no weights.",
+        exclusiveMinimum=0,
     )
     value_clip: float = option(0.2, "Value clip: new values stay within x of the rollout values.", exclusiveMinimum=0)
     pretrain_step: int = option(0, "Critic-only warm-up steps before the actor starts training.", minimum=0)

@@ -205,6 +205,32 @@ def micro_steps(minibatch: int, parts: int, micro_bs: int) -> int:
     return math.ceil((stop - start) / micro_bs)
 
 
+def optimizer_steps(spec: JobSpec, role: str) -> int:
+    """Optimizer steps of a trained role per PPO step: its epochs over the rollout, one per minibatch."""
+    epochs = spec.train_config.ppo_epochs
+    return epochs * math.ceil(spec.rollout_size() / spec.train_minibatch(role))
+
+
+def ptx_micro_steps(spec: JobSpec) -> int:
+    """Pretraining micro steps every actor rank runs per optimizer step under PPO-ptx (train_config.pretrain_loss_weight
+    > 0), 0 without it: those of the largest part of the step's pretraining batch (cut over the optimizer steps by
+    ``shard_bounds``) on the largest rank share (``micro_steps``). Every optimizer step runs that many, a smaller part's
+    missing ones with the loss x 0, so that the micro steps to each update are the same number (DeepSpeed counts them
+    to its accumulation boundary) and the ranks' collectives pair up."""
+    pretrain = spec.pretrain_dataset_config
+    if spec.train_config.pretrain_loss_weight <= 0 or pretrain is None:
+        return 0
+    dp = spec.model_configs.actor.trainer_config.parallel.data.size
+    return part_micro_steps(pretrain.num_samples_each_epoch, optimizer_steps(spec, "actor"), dp, spec.train_micro_batch("actor"))
+
+
+def part_micro_steps(size: int, parts: int, ranks: int, micro_bs: int) -> int:
+    """Micro steps of the largest of ``parts`` contiguous parts of ``size`` rows (``shard_bounds``), each shared by
+    ``ranks`` ranks (``micro_steps``)."""
+    start, stop = shard_bounds(size, parts, 0)
+    return micro_steps(stop - start, ranks, micro_bs)
+
+
 def _role_layouts(spec: JobSpec) -> list[RolePlan]:
     roles = []
     for name, model in planned_models(spec).items():

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from rlhf import ppo
 from rlhf.core.config import JobSpec
-from rlhf.core.plan import micro_steps, shard_bounds
+from rlhf.core.plan import optimizer_steps, part_micro_steps, shard_bounds
 from rlhf.models import PolicyModule, compute_in, load_causal_lm
 from rlhf.protocols import Cluster
 from rlhf.roles.common import (
@@ -71,6 +71,7 @@ class ActorRole:
         loss, stats = ppo.policy_loss(
             logprobs, micro["old_logprobs"], micro["advantages"], mask, tc.policy_clip,
             self.loss_type, num_seqs=num_seqs, num_tokens=num_tokens, clip_eps_high=tc.policy_clip_high, max_len=self.max_len,
+            is_weights=micro.get("is_weights"),
         )
         if rc.kl_in == "loss" and "ref_logprobs" in micro:  # no reference (kl_coeff 0): no KL term at all
             # GRPO's KL term: its gradient flows through the new log-probs, the reference's are constants. Normalised
@@ -97,22 +98,23 @@ class ActorRole:
         """Accumulate weight x the LM loss of optimizer step ``update``'s share of the step's pretraining ``batch``.
 
         The N sequences are cut into ``updates`` contiguous parts (shard_bounds: sizes differ by at most one), each
-        part into the actor ranks' shares, and each share into micro batches; every rank runs the micro steps of the
-        largest share (micro_steps), a smaller share's missing ones on the part's first row with the loss x 0, so
-        that DDP's all-reduces and ZeRO-3's gathers pair up. Returns this rank's part of the unweighted LM loss."""
+        part into the actor ranks' shares, and each share into micro batches. Every rank runs, for every part, the
+        micro steps of the largest part's largest share (``part_micro_steps``; rlhf.core.plan.ptx_micro_steps for the
+        spec's own batch and updates), the missing ones on the batch's first
+        row with the loss x 0: DDP's all-reduces and ZeRO-3's gathers pair up, and DeepSpeed sees the same number of
+        micro steps before every update. Returns this rank's part of the unweighted LM loss."""
         start, stop = shard_bounds(batch["input_ids"].shape[0], updates, update)
-        if stop == start:  # fewer sequences than optimizer steps: this one gets none (the same on every rank)
-            return {}
         part = select(batch, slice(start, stop))
-        num_tokens = ppo.predicted_tokens(part["attention_mask"])
+        num_tokens = max(ppo.predicted_tokens(part["attention_mask"]), 1)
         index, parts = self.cluster.shard_of("actor")
         lo, hi = shard_bounds(stop - start, parts, index)
         micro_bs = self.spec.train_micro_batch("actor")
         weight = self.spec.train_config.pretrain_loss_weight
         total = 0.0
-        for micro_start in range(0, micro_steps(stop - start, parts, micro_bs) * micro_bs, micro_bs):
+        for micro_start in range(0, part_micro_steps(batch["input_ids"].shape[0], updates, parts, micro_bs) * micro_bs, micro_bs):
             padding = micro_start >= hi - lo
-            micro = select(part, slice(0, 1) if padding else slice(lo + micro_start, min(lo + micro_start + micro_bs, hi)))
+            rows = slice(lo + micro_start, min(lo + micro_start + micro_bs, hi))
+            micro = select(batch, slice(0, 1)) if padding else select(part, rows)
             with self.timer("forward"):
                 lm = self.ptx_loss(micro, num_tokens)
             with self.timer("backward"):
@@ -135,8 +137,7 @@ class ActorRole:
         before_update = None
         if ptx is not None:
             ptx = {key: value.to(self.model.device) for key, value in ptx.items()}
-            size = experience["response_mask"].shape[0]
-            updates = tc.ppo_epochs * math.ceil(size / tc.ppo_minibatch)
+            updates = optimizer_steps(self.spec, "actor")
             before_update = lambda update: self._ptx_update(ptx, updates, update)  # noqa: E731
         stats = train_minibatches(
             self.trainer, experience, self._loss, tc.ppo_minibatch, self.spec.train_micro_batch("actor"), tc.ppo_epochs, seed, self.timer,

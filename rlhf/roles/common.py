@@ -13,7 +13,7 @@ from torch import Tensor
 
 from rlhf import ppo
 from rlhf.core.config import JobSpec
-from rlhf.core.plan import micro_steps, shard_bounds
+from rlhf.core.plan import micro_steps, ptx_micro_steps, shard_bounds
 from rlhf.engine import DeepSpeedTrainer, TorchTrainer, deepspeed_config
 from rlhf.models import enable_gradient_checkpointing
 from rlhf.protocols import Cluster, Trainer
@@ -29,7 +29,8 @@ def trainer_deepspeed_config(spec: JobSpec, role: str, cluster: Cluster) -> dict
     cfg = spec.model_configs.roles()[role]
     if cluster.group(role) is None or cfg.trainer_config.parallel.data.mode == "ddp":
         return None
-    return deepspeed_config(spec, role, cfg, spec.train_micro_batch(role), spec.train_minibatch(role))
+    extra = ptx_micro_steps(spec) if role == "actor" else 0  # PPO-ptx: the pretraining micro steps of each update
+    return deepspeed_config(cfg, spec.train_micro_batch(role), spec.train_minibatch(role), extra)
 
 
 def zero3_config(spec: JobSpec, role: str, cluster: Cluster) -> dict | None:

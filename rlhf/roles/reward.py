@@ -10,6 +10,7 @@ policy's tokenizer, and the conversation encoded with the reward model's tokeniz
 from __future__ import annotations
 
 import importlib
+import inspect
 
 import torch
 from torch import Tensor
@@ -20,13 +21,14 @@ from rlhf.core.model_tokenizers import policy_tokenizer_config, same_settings, t
 from rlhf.core.problems import InputError
 from rlhf.data import PromptMix, encode_conversation, equivalent_tokenizers, load_tokenizer
 from rlhf.models import load_frozen, sequence_scores
-from rlhf.rewards import accepted_fields, field_lists
+from rlhf.rewards import accepted_fields, field_lists, scores_problem
 from rlhf.rollout import Batch, sequences
 from rlhf.rollout_log import decode_rows
 
 
 class RewardFunctionError(InputError, ValueError):
-    """A ``reward_function`` that cannot be imported."""
+    """A ``reward_function`` that cannot be imported, cannot be called with the prompts and responses, or does not
+    return one number per response."""
 
 
 def load_function(path: str):
@@ -36,6 +38,39 @@ def load_function(path: str):
         return getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError) as exc:
         raise RewardFunctionError(f"model_configs.reward.reward_function: cannot load {path!r}: {exc}") from None
+
+
+def call_function(function, path: str, prompts: list[str], responses: list[str], fields: dict[str, list]):
+    """``function(prompts, responses, **fields)``: its scores, one number per response. A call that its signature
+    refuses, or a result of another shape, is a RewardFunctionError (an input error: one line, no traceback);
+    a TypeError raised inside the function stays what it is, a bug there."""
+    try:
+        scores = function(prompts, responses, **fields)
+    except TypeError as exc:
+        if _accepts(function, prompts, responses, fields=fields):
+            raise
+        call = ", ".join(["prompts", "responses", *(f"{name}=..." for name in fields)])
+        raise RewardFunctionError(
+            f"model_configs.reward.reward_function: {path} cannot be called with ({call}): {exc}; expected a function of "
+            "(prompts, responses), two lists of str, and optionally record fields by name"
+        ) from None
+    problem = scores_problem(scores, len(responses), finite=False)
+    if problem:
+        raise RewardFunctionError(f"model_configs.reward.reward_function: {path} {problem}")
+    return scores
+
+
+def _accepts(function, *args, fields: dict) -> bool:
+    """Whether ``function``'s signature takes these arguments (True when it has no signature to tell)."""
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):
+        return True
+    try:
+        signature.bind(*args, **fields)
+    except TypeError:
+        return False
+    return True
 
 
 class RewardRole:
@@ -67,9 +102,7 @@ class RewardRole:
     def _function_scores(self, rollout: Batch) -> Tensor:
         prompts = decode_rows(self.tokenizer, rollout["prompt_ids"], rollout["prompt_mask"])
         responses = decode_rows(self.tokenizer, rollout["response_ids"], rollout["response_mask"])
-        scores = self.function(prompts, responses, **self._fields(rollout))
-        if len(scores) != len(responses):
-            raise ValueError(f"reward function returned {len(scores)} scores for {len(responses)} responses")
+        scores = call_function(self.function, self.spec.model_configs.reward.reward_function, prompts, responses, self._fields(rollout))
         return torch.tensor([float(s) for s in scores])
 
 

@@ -82,6 +82,10 @@ class VLLMGeneratorRole:
             seed=spec.run.seed,
             max_model_len=max_len,
             enforce_eager=device.type == "cpu",  # graph capture and compilation only pay off on GPUs
+            # The sampled tokens' log-probs (rollout["gen_logprobs"]) as the actor defines them, log softmax(logits /
+            # temperature) before top-k, top-p and min_tokens: vLLM's raw ones at temperature 1. At another
+            # temperature only its processed ones apply it, and they also renormalise over top-k/top-p's tokens.
+            logprobs_mode="raw_logprobs" if sampling.temperature == 1.0 else "processed_logprobs",
             **memory,
         )
 
@@ -103,13 +107,14 @@ class VLLMGeneratorRole:
             ignore_eos=True,
             repetition_penalty=1.0,
             seed=seed,
+            logprobs=0,  # the sampled token's own log-prob only
             detokenize=False,
             **sampling,
         )
 
     def generate(self, prompts: Batch, first_row: int, seed_of) -> Batch:
-        """One response per prompt; the sampler of each prompt is seeded from its global row, so
-        responses do not depend on how prompts are spread over engines."""
+        """One response per prompt, with its behaviour log-probs; the sampler of each prompt is seeded from its
+        global row, so responses do not depend on how prompts are spread over engines."""
         from vllm.inputs import TokensPrompt
 
         ids, mask = prompts["prompt_ids"], prompts["prompt_mask"]
@@ -117,7 +122,9 @@ class VLLMGeneratorRole:
         params = [self.sampling_params(seed_of(first_row + i)) for i in range(len(requests))]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         rows = [torch.tensor(out.outputs[0].token_ids, dtype=torch.long).unsqueeze(0) for out in outputs]
-        return rollout_batch(ids, mask, rows, self.sampling)
+        logprobs = [torch.tensor([[sampled_logprob(step, token) for token, step in zip(o.token_ids, o.logprobs, strict=True)]])
+                    for o in (out.outputs[0] for out in outputs)]
+        return rollout_batch(ids, mask, rows, self.sampling, logprobs)
 
     def load(self, named: Iterable[tuple[str, Tensor]]) -> None:
         """New weights, as (Hugging Face name, full tensor) pairs, into the engine."""
@@ -126,6 +133,12 @@ class VLLMGeneratorRole:
     def receive(self, src: int, group) -> None:
         """New weights broadcast by global rank ``src`` over ``group``, loaded into the engine as they arrive."""
         self.load(receive_stream(src, group, self.device))
+
+
+def sampled_logprob(step, token: int) -> float:
+    """The log-prob vLLM reports for ``token`` at one step (``step``: its token id -> Logprob mapping)."""
+    entry = step[token]
+    return float(entry.logprob if hasattr(entry, "logprob") else entry)
 
 
 def _name_shared_memory(ident: str) -> None:
