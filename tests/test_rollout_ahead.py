@@ -139,3 +139,19 @@ def test_asynchronous_run_resumes_exactly_and_matches_across_processes(tiny_mode
     kept = sorted((tmp_path / "straight" / "checkpoints").glob("step-*"))
     assert kept and all((checkpoint / "rollout_ahead.pt").exists() for checkpoint in kept)
     assert straight[2]["tis_weight_mean"] != 1.0
+
+
+def test_a_group_estimator_samples_ahead_too(tiny_models, tmp_path):
+    """GRPO (no critic, n = 4 rows per prompt) with the rollout sampled ahead: from step 2 the rollout lags the actor
+    by one update, and the truncated importance weights stay within their cap."""
+    from rlhf.loop import run_local
+    from tests.factory import reward_function
+
+    grpo = {**SEPARATE_HF, **reward_function(), "repeater_config.advantage_estimator": "grpo", "repeater_config.kl_coeff": 0.0,
+            "repeater_config.norm_adv": False, "rollout_config.n_samples_per_prompt": 4, "dataset_config.num_samples_each_epoch": 8,
+            "rollout_config.max_staleness": 1, "train_config.tis_cap": 2.0, "train_config.max_train_step": 2}
+    rows = run_local(make_spec(grpo), tmp_path / "grpo", quiet=True)
+    assert [row["step"] for row in rows] == [1, 2]
+    assert rows[0]["gen_logprob_gap"] < 1e-4 < rows[1]["gen_logprob_gap"]
+    assert 0 < rows[1]["tis_weight_mean"] and rows[1]["tis_weight_max"] <= 2.0
+    assert "value_loss" not in rows[1]  # no critic: the plan has none
