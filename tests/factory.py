@@ -21,16 +21,18 @@ Process groups: ``run_on_ranks`` runs a function on N local processes that meet 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import faulthandler
 import os
 import pickle
 import signal
+import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -202,11 +204,7 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s:
     The processes are forked: they start in milliseconds (spawned ones would import torch and
     transformers again, seconds each) and ``fn`` may be a closure. A rank that raises fails the
     call with its traceback; ranks still running after ``timeout_s`` are killed and named, with
-    the stack each was in.
-
-    This process never serves the store itself: the server's thread takes glibc's resolver lock
-    while it names each connecting peer, and a rank forked at that moment inherits the lock held
-    and hangs forever in its own first connect.
+    the stack each was in. The store is never served by this process (``served_store`` says why).
     """
     import multiprocessing
 
@@ -214,43 +212,65 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s:
 
     timeout = datetime.timedelta(seconds=timeout_s)
     ctx = multiprocessing.get_context("fork")
+    with served_store(timeout_s) as port, tempfile.TemporaryDirectory(prefix="ranks-") as out:
+        procs = [ctx.Process(target=_rank_main, args=(fn, rank, world_size, port, timeout, Path(out), args), daemon=True)
+                 for rank in range(world_size)]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout_s
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        hung = [rank for rank, p in enumerate(procs) if p.is_alive()]
+        stacks = _stacks_of(hung, procs, Path(out))
+        for rank in hung:
+            procs[rank].kill()
+            procs[rank].join()
+        errors = [(Path(out) / f"{rank}.err").read_text() for rank in range(world_size) if (Path(out) / f"{rank}.err").exists()]
+        if errors or hung:
+            # A rank that failed usually leaves the others waiting in a collective: its traceback is the news.
+            raise AssertionError("\n".join(errors) + (f"\nranks {hung} still running after {timeout_s:g} s\n{stacks}" if hung else ""))
+        died = [(rank, p.exitcode) for rank, p in enumerate(procs) if p.exitcode != 0]
+        assert not died, f"ranks exited without a result: {died} (rank, exit code)"
+        return [pickle.loads((Path(out) / f"{rank}.pkl").read_bytes()) for rank in range(world_size)]
+
+
+@contextlib.contextmanager
+def served_store(timeout_s: float = 120.0) -> Iterator[int]:
+    """The port of a TCPStore served by a forked process of its own for the duration, which outlives every rank
+    (a rank that served it would take it down while others still shut their groups down).
+
+    Never served by this process: the server's thread takes glibc's resolver lock while it names each connecting
+    peer, so a process forked at that moment inherits the lock held and hangs in its first connect; and a server
+    object kept alive here (by a failed test's traceback) would be destroyed in a later forked child, whose
+    destructor then joins a thread the child does not have and hangs."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
     to_host, host_end = ctx.Pipe()
-    host = ctx.Process(target=_serve_store, args=(host_end, world_size, timeout), daemon=True)
+    host = ctx.Process(target=_serve_store, args=(host_end, datetime.timedelta(seconds=timeout_s)), daemon=True)
     host.start()
     try:
         if not to_host.poll(timeout_s):
             raise AssertionError(f"the store process did not start in {timeout_s:g} s")
-        port = to_host.recv()
-        with tempfile.TemporaryDirectory(prefix="ranks-") as out:
-            procs = [ctx.Process(target=_rank_main, args=(fn, rank, world_size, port, timeout, Path(out), args), daemon=True)
-                     for rank in range(world_size)]
-            for p in procs:
-                p.start()
-            deadline = time.monotonic() + timeout_s
-            for p in procs:
-                p.join(max(0.0, deadline - time.monotonic()))
-            hung = [rank for rank, p in enumerate(procs) if p.is_alive()]
-            stacks = _stacks_of(hung, procs, Path(out))
-            for rank in hung:
-                procs[rank].kill()
-                procs[rank].join()
-            errors = [(Path(out) / f"{rank}.err").read_text() for rank in range(world_size) if (Path(out) / f"{rank}.err").exists()]
-            if errors or hung:
-                # A rank that failed usually leaves the others waiting in a collective: its traceback is the news.
-                raise AssertionError("\n".join(errors) + (f"\nranks {hung} still running after {timeout_s:g} s\n{stacks}" if hung else ""))
-            died = [(rank, p.exitcode) for rank, p in enumerate(procs) if p.exitcode != 0]
-            assert not died, f"ranks exited without a result: {died} (rank, exit code)"
-            return [pickle.loads((Path(out) / f"{rank}.pkl").read_bytes()) for rank in range(world_size)]
+        yield to_host.recv()
     finally:
         host.kill()
         host.join()
 
 
-def _serve_store(conn, world_size: int, timeout: datetime.timedelta) -> None:
-    """Serve the ranks' TCPStore: send its port, then keep it up until killed."""
+def leave_rank() -> None:
+    """End a test rank process whose results are written, without the interpreter's teardown: there the
+    communication threads of DeepSpeed engines have aborted a finished process (std::terminate)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _serve_store(conn, timeout: datetime.timedelta) -> None:
+    """Serve a TCPStore: send its port, then keep it up until killed."""
     import torch.distributed as dist
 
-    server = dist.TCPStore("127.0.0.1", 0, world_size + 1, is_master=True, timeout=timeout, wait_for_workers=False)
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=timeout, wait_for_workers=False)
     conn.send(server.port)
     while True:
         time.sleep(3600)

@@ -19,7 +19,7 @@ from rlhf.engine import TorchTrainer
 from rlhf.models import PolicyModule, ValueModule, enable_gradient_checkpointing, load_causal_lm, load_value_model
 from rlhf.roles.common import make_trainer
 from rlhf.rollout import SamplingSettings, hf_generate
-from tests.factory import make_spec
+from tests.factory import leave_rank, make_spec, served_store
 from tests.test_models import PROMPTS, RESPONSES, left_padded_batch
 
 CPU = torch.device("cpu")
@@ -182,17 +182,15 @@ def _rank_grads(rank: int, port: int, mode: str, model_dir: str, out: str) -> No
         torch.save(result, out)
     dist.barrier()
     dist.destroy_process_group()
-    # The result is written: leave without the interpreter's teardown, in which the threads of two DeepSpeed
-    # engines' communication have once aborted the process (std::terminate) after the work was done.
-    os._exit(0)
+    leave_rank()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "zero3"])
 def test_checkpointing_under_ddp_and_zero3_gives_the_same_gradients(tiny_models, tmp_path, mode):
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=120))
     out = str(tmp_path / "grads.pt")
-    mp.spawn(_rank_grads, args=(store.port, mode, str(tiny_models / "actor"), out), nprocs=2, join=True)
+    with served_store() as port:
+        mp.spawn(_rank_grads, args=(port, mode, str(tiny_models / "actor"), out), nprocs=2, join=True)
     result = torch.load(out)
     assert result[False]["calls"] == 1 and result[True]["calls"] == 2  # recomputed under DDP and DeepSpeed alike
     plain, checkpointed = result[False]["grads"], result[True]["grads"]

@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 from rlhf.core.config import TrainKwargs
 from rlhf.dist import PeerGroup
 from rlhf.weight_sync import chunk_indices, chunk_key, manifest_of, plan_chunks, receive_stream, receive_weights, send_weights
+from tests.factory import leave_rank, served_store
 
 ACTOR, GENERATOR = [0, 1], 2
 CPU = torch.device("cpu")
@@ -50,12 +51,6 @@ def test_chunks_keep_each_decoder_layer_whole_and_in_order():
     assert chunk_indices(["a.0.x", "a.0.y", "b", "a.1.x"]) == [0, 0, 1, 2]
 
 
-def _store() -> dist.TCPStore:
-    """A rendezvous store served by the test process itself: it outlives every rank (a rank that
-    served it would take it down with it while others still shut their groups down)."""
-    return dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=120))
-
-
 def _connect(port: int) -> dist.TCPStore:
     return dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=120))
 
@@ -73,7 +68,7 @@ def _run(rank: int, port: int, mode: str, model_dir: str, out: str) -> None:
         streamed = dict(receive_stream(ACTOR[0], sync, CPU))  # a vLLM-style receiver: the same tensors
         torch.save({"received": results, "streamed": streamed}, f"{out}.generator")
         sync.barrier()
-        return
+        leave_rank()
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", store=dist.PrefixStore("actor", store), rank=rank, world_size=2)
     from transformers.integrations import is_deepspeed_zero3_enabled
@@ -114,6 +109,7 @@ def _run(rank: int, port: int, mode: str, model_dir: str, out: str) -> None:
         sync.barrier()
     dist.barrier()  # neither actor rank leaves while the other still uses the group
     dist.destroy_process_group()
+    leave_rank()
 
 
 @pytest.mark.slow
@@ -121,8 +117,8 @@ def _run(rank: int, port: int, mode: str, model_dir: str, out: str) -> None:
 def test_generator_gets_the_actor_weights_at_most_two_layers_gathered_at_once(tmp_path, mode):
     tiny_llama(seed=0).save_pretrained(tmp_path / "model")
     out = str(tmp_path / "result")
-    store = _store()
-    mp.spawn(_run, args=(store.port, mode, str(tmp_path / "model"), out), nprocs=3, join=True)
+    with served_store() as port:
+        mp.spawn(_run, args=(port, mode, str(tmp_path / "model"), out), nprocs=3, join=True)
     actor, generator = torch.load(f"{out}.actor"), torch.load(f"{out}.generator")
     on_disk = tiny_llama(seed=0).state_dict()
     loaded, updated = generator["received"]
@@ -167,6 +163,7 @@ def _load_critic(rank: int, port: int, path: str, out: str) -> None:
     torch.save({"partitioned": is_partitioned(model), "head": head, "local": model.score.weight.numel()}, f"{out}.{rank}")
     dist.barrier()  # neither rank leaves while the other still uses the group
     dist.destroy_process_group()
+    leave_rank()
 
 
 @pytest.mark.slow
@@ -182,8 +179,8 @@ def test_a_partitioned_critic_gets_its_value_head_from_another_name(tiny_models,
     state["v_head.weight"] = expected = state.pop("score.weight")
     save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
     out = str(tmp_path / "critic")
-    store = _store()
-    mp.spawn(_load_critic, args=(store.port, str(folder), out), nprocs=2, join=True)
+    with served_store() as port:
+        mp.spawn(_load_critic, args=(port, str(folder), out), nprocs=2, join=True)
     for rank in (0, 1):
         result = torch.load(f"{out}.{rank}")
         assert result["partitioned"] and result["local"] == 0
