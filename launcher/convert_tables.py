@@ -54,8 +54,8 @@ DROPPED: dict[str, str] = {
     "model_configs.actor.generator_config.generate_kwargs": (
         "XTuner never reads it: sampling comes only from rollout_config.generate_kwargs"
     ),
-    "rollout_config.async_reward": "reward scoring runs one role after another for now; overlapping it with the rollout is a planned "
-    "pipeline feature (the scores are the same)",
+    "rollout_config.async_reward": "the reference, critic and reward passes always run at the same time, each on its own ranks "
+    "(the scores are the same); rollout_config.max_staleness: 1 overlaps generation with training",
     "model_configs.<role>.model_config.use_cache": "the KV cache is always used for generation and never in training",
     "model_configs.<role>.trainer_config.exclude_keys": "rlhf-launch saves and syncs every parameter; it has no such setting",
     "dataset_config.sample_strategy": "each step draws every prompt's source at random by the normalised weights (no per-source quota)",

@@ -36,3 +36,16 @@ def other_reward_model(tmp_path_factory) -> Path:
     from tests.factory import build_other_reward_model
 
     return build_other_reward_model(tmp_path_factory.mktemp("other_reward"))
+
+
+@pytest.fixture
+def killed_engine_leftovers():
+    """Shared memory as a killed tensor-parallel vLLM engine on CPU leaves it, under vLLM's own
+    default name: the next engine must not trip over it."""
+    paths = [Path(f"/dev/shm/-tp:0-[0-1]-cpushm_{rank}") for rank in (0, 1)]
+    made = [p for p in paths if not p.exists()]
+    for p in made:
+        p.write_bytes(b"\0" * 4096)
+    yield
+    for p in made:
+        p.unlink(missing_ok=True)

@@ -174,8 +174,8 @@ GEN1_NOTES = [
     "model class",
     "model_configs.actor.generator_config.generate_kwargs (a mapping) dropped: XTuner never reads it: sampling comes only from "
     "rollout_config.generate_kwargs",
-    "rollout_config.async_reward (true) dropped: reward scoring runs one role after another for now; overlapping it with the rollout "
-    "is a planned pipeline feature (the scores are the same)",
+    "rollout_config.async_reward (true) dropped: the reference, critic and reward passes always run at the same time, each on "
+    "its own ranks (the scores are the same); rollout_config.max_staleness: 1 overlaps generation with training",
     "dataset_config.sample_strategy ('in_batch') dropped: each step draws every prompt's source at random by the normalised weights "
     "(no per-source quota)",
     "repeater_config.reward_scale: XTuner stores it and never reads it (its run did not scale the rewards); the converted run divides "
@@ -257,8 +257,8 @@ LATER_NOTES = [
     "train_config.policy_criterion (PPOPolicyLoss(cliprange=0.25)) converted to train_config.policy_clip",
     "train_config.critic_criterion (CriticLoss(cliprange_value=0.5)) converted to train_config.value_clip",
     "train_config.async_learn (true) dropped: it only lets XTuner train the critic while the policy trains; the losses are the same",
-    "rollout_config.async_reward (false) dropped: reward scoring runs one role after another for now; overlapping it with the "
-    "rollout is a planned pipeline feature (the scores are the same)",
+    "rollout_config.async_reward (false) dropped: the reference, critic and reward passes always run at the same time, each on "
+    "its own ranks (the scores are the same); rollout_config.max_staleness: 1 overlaps generation with training",
     "model_configs.actor.model_config.use_cache (false) dropped: the KV cache is always used for generation and never in training",
     "model_configs.actor.trainer_config.exclude_keys (a list) dropped: rlhf-launch saves and syncs every parameter; it has no such setting",
     "dataset_config.sample_strategy ('in_batch') dropped: each step draws every prompt's source at random by the normalised weights "

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ import torch.distributed as dist
 from launcher.local import start_ranks
 from launcher.spec import load_spec
 from rlhf import ppo
+from rlhf.checkpoint import checkpoint_name, checkpoints_dir
 from rlhf.core.config import TrainKwargs
 from rlhf.engine import TorchTrainer
 from rlhf.loop import run_local
@@ -31,16 +31,23 @@ TINY = ROOT / "specs" / "tiny_cpu.yaml"
 # minibatch) that rounding differences of 1e-7 between layouts break either way.
 COMPARED = ["reward_mean", "kl", "policy_loss", "value_loss", "entropy", "actor_approx_kl", "actor_grad_norm", "critic_grad_norm"]
 BASE = ["train_config.max_train_step=3", "train_config.save_interval=0"]
+# Uneven shares everywhere: 34 prompts; the critic's values over 3 ranks (12, 11, 11), its minibatches
+# of 17 over 3 (6, 6, 5 in micro batches of 2); the actor's over 2 (9 and 8 in micro batches of 1: the
+# second rank runs one zero-weighted step per minibatch); the reward's over 2. Sampling is seeded per
+# generate call: calls of 17 prompts cover the same prompts in one process as on the two actor ranks.
+UNEVEN_DDP = [
+    "dataset_config.num_samples_each_epoch=34",
+    "train_config.ppo_minibatch=17",
+    "train_config.value_minibatch=17",
+    "train_config.actor_micro_bs=1",
+    "train_config.critic_micro_bs=2",
+    "rollout_config.actor_micro_bs=17",
+    "model_configs.actor.trainer_config.parallel.data.size=2",
+    "model_configs.critic.trainer_config.parallel.data.size=3",
+    "model_configs.reward.trainer_config.parallel.data.size=2",
+]
 LAYOUTS = {
-    "ddp": [
-        "slurm.gpus_per_node=4",
-        # Sampling is seeded per generate call: with the generator sharded over the two actor
-        # ranks, calls must cover the same prompts as in one process (16 = 32 prompts / 2 ranks).
-        "rollout_config.actor_micro_bs=16",
-        "model_configs.actor.trainer_config.parallel.data.size=2",
-        "model_configs.critic.trainer_config.parallel.data.size=2",
-        "model_configs.reward.trainer_config.parallel.data.size=2",
-    ],
+    "ddp-uneven": UNEVEN_DDP,
     "zero3-separate-generator": [
         "model_configs.actor.trainer_config.parallel.data={size: 2, mode: deepspeed}",
         "model_configs.critic.trainer_config.parallel.data={size: 2, mode: deepspeed}",
@@ -59,7 +66,9 @@ def launch(tmp_path, sets, name="run", resume=False, check=True):
     ]
     for s in sets:
         args += ["--set", s]
-    return subprocess.run([*args, "--resume"] if resume else args, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    if resume:  # True: the run's own latest checkpoint; a path: that checkpoint
+        args += ["--resume"] if resume is True else ["--resume", str(resume)]
+    return subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT)
 
 
 def _matches_one_process(tmp_path, sets: list[str]) -> None:
@@ -85,19 +94,6 @@ def test_distributed_run_matches_one_process(tiny_models, tmp_path, layout):
     assert (tmp_path / "run" / "checkpoints" / "step-00000003" / "COMPLETE").exists()
 
 
-@pytest.fixture
-def killed_engine_leftovers():
-    """Shared memory as a killed tensor-parallel vLLM engine on CPU leaves it, under vLLM's own
-    default name: the next engine must not trip over it."""
-    paths = [Path(f"/dev/shm/-tp:0-[0-1]-cpushm_{rank}") for rank in (0, 1)]
-    made = [p for p in paths if not p.exists()]
-    for p in made:
-        p.write_bytes(b"\0" * 4096)
-    yield
-    for p in made:
-        p.unlink(missing_ok=True)
-
-
 GREEDY = [*BASE, "rollout_config.generate_kwargs.do_sample=false"]
 GENERATOR = (
     "model_configs.actor.generator_config={{shared_with_trainer: false, generator_type: {}, "
@@ -106,27 +102,13 @@ GENERATOR = (
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engines,tensor", [(1, 2), (2, 1)], ids=["one-engine-tensor-2", "two-engines"])
-def test_vllm_generator_group_trains_like_hf_generate(tiny_models, tmp_path, engines, tensor, killed_engine_leftovers):
-    """Greedy decoding makes the rollouts comparable: every step's responses come from engines
-    that received the actor's weights in memory, so any missed or wrong update shows up."""
-    proc = launch(tmp_path, [*GREEDY, GENERATOR.format("vllm", engines, tensor)])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    with_vllm = read_metrics(tmp_path / "run")
-    with_hf = run_local(load_spec(TINY, [*GREEDY, GENERATOR.format("hf", 1, 1)]).spec, tmp_path / "hf", quiet=True)
-    assert [r["step"] for r in with_vllm] == [1, 2, 3]
-    for a, b in zip(with_vllm, with_hf, strict=True):
-        for key in [*COMPARED, "response_len_mean"]:
-            assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
-    assert with_vllm[-1]["kl"] > 0  # the policy moved, and the engines generated from the moved policy
-
-
-@pytest.mark.slow
 def test_vllm_generator_resumes_from_the_checkpoint_weights(tiny_models, tmp_path):
-    """After --resume the engines must generate from the checkpoint's policy, not the initial one. Asynchronous
-    (max_staleness 1): each engine rank samples the next step's rollout in a thread while the trainers train, the
-    checkpoint carries that rollout, and the run equals HF generate sampling ahead in one process."""
-    sets = [*GREEDY, GENERATOR.format("vllm", 1, 2), "train_config.save_interval=2", "rollout_config.max_staleness=1"]
+    """Greedy decoding makes the rollouts comparable with HF generate's: every step's responses come from engines
+    that received the actor's weights in memory, so any missed or wrong update shows up, and after --resume the
+    engines must generate from the checkpoint's policy, not the initial one. Two engines of one rank each (one engine
+    over two tensor ranks: the Slurm test), asynchronous (max_staleness 1): each engine samples the next step's
+    rollout in a thread while the trainers train, and the checkpoint carries that rollout."""
+    sets = [*GREEDY, GENERATOR.format("vllm", 2, 1), "train_config.save_interval=2", "rollout_config.max_staleness=1"]
     keys = [*COMPARED, "response_len_mean", "gen_logprob_gap"]
     assert_resumed_equals_straight(tmp_path, sets, keys)
     with_hf = run_local(load_spec(TINY, [*GREEDY, GENERATOR.format("hf", 1, 1), "rollout_config.max_staleness=1",
@@ -138,15 +120,16 @@ def test_vllm_generator_resumes_from_the_checkpoint_weights(tiny_models, tmp_pat
 
 
 def assert_resumed_equals_straight(tmp_path, sets, keys):
-    """4 steps straight, and 2 steps then --resume to 4: the same metrics."""
+    """4 steps straight (``sets`` saves every 2), then a run resumed from the straight run's step-2 checkpoint: its
+    steps 3 and 4 equal the straight run's. A checkpoint written mid-run holds what the last step's holds (the
+    rollout sampled ahead included), so this is the stopped-and-resumed case, with one launch fewer."""
     straight = launch(tmp_path, [*sets, "train_config.max_train_step=4"], name="straight")
     assert straight.returncode == 0, straight.stderr[-3000:]
-    first = launch(tmp_path, [*sets, "train_config.max_train_step=2"], name="resumed")
-    assert first.returncode == 0, first.stderr[-3000:]
-    second = launch(tmp_path, [*sets, "train_config.max_train_step=4"], name="resumed", resume=True)
-    assert second.returncode == 0, second.stderr[-3000:]
-    a, b = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
-    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    checkpoint = checkpoints_dir(tmp_path / "straight") / checkpoint_name(2)
+    resumed = launch(tmp_path, [*sets, "train_config.max_train_step=4"], name="resumed", resume=checkpoint)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = read_metrics(tmp_path / "straight")[2:], read_metrics(tmp_path / "resumed")
+    assert [r["step"] for r in b] == [3, 4]
     for x, y in zip(a, b, strict=True):
         for key in keys:
             assert x[key] == pytest.approx(y[key], abs=1e-6), (x["step"], key)
@@ -330,23 +313,3 @@ def test_uneven_shares_of_a_minibatch_train_like_one_process(loss_type):
     # A statistic of every micro batch, weighted by its rows: 1 over the minibatch, summed over the ranks.
     assert results[0]["stats"]["rows"] == pytest.approx(1.0) and results[1]["stats"] == results[0]["stats"]
 
-
-# Uneven shares everywhere: 34 prompts; the critic's values over 3 ranks (12, 11, 11), its minibatches
-# of 17 over 3 (6, 6, 5 in micro batches of 2); the actor's over 2 (9 and 8 in micro batches of 1: the
-# second rank runs one zero-weighted step per minibatch). Generate calls of 17 prompts cover the same
-# prompts in one process as on the two actor ranks, so sampling agrees.
-UNEVEN = [
-    "dataset_config.num_samples_each_epoch=34",
-    "train_config.ppo_minibatch=17",
-    "train_config.value_minibatch=17",
-    "train_config.actor_micro_bs=1",
-    "train_config.critic_micro_bs=2",
-    "rollout_config.actor_micro_bs=17",
-    "model_configs.actor.trainer_config.parallel.data.size=2",
-    "model_configs.critic.trainer_config.parallel.data.size=3",
-]
-
-
-@pytest.mark.slow
-def test_uneven_shards_run_matches_one_process(tiny_models, tmp_path):
-    _matches_one_process(tmp_path, BASE + UNEVEN)

@@ -97,9 +97,10 @@ def test_three_component_hetjob_trains(tiny_models, slurm_env, tmp_path):
     assert "trainer" in status and "COMPLETED" in status and "training: completed at step 3/3" in status
 
 
-def test_vllm_generator_group_on_its_own_node(tiny_models, slurm_env, tmp_path):
+def test_vllm_generator_group_on_its_own_node(tiny_models, slurm_env, tmp_path, killed_engine_leftovers):
     """specs/tiny_cpu_vllm.yaml as submitted: one vLLM engine over the generator component's two
-    ranks. Greedy decoding, so that its training equals a run with HF generate."""
+    ranks, next to what a killed engine of that shape leaves in shared memory. Greedy decoding, so
+    that its training equals a run with HF generate."""
     greedy = ["train_config.max_train_step=3", "rollout_config.generate_kwargs.do_sample=false"]
     job = submit(slurm_env, tmp_path, greedy, "vllm", spec=ROOT / "specs" / "tiny_cpu_vllm.yaml")
     states = wait_for_end(slurm_env, job)

@@ -156,8 +156,9 @@ def test_reward_model_tracks_vowel_ratio_on_fresh_pairs(built, tokenizer):
 # ------------------------------------------------------------------------------- stamp and staging
 
 
-def test_build_is_deterministic(built, tmp_path):
-    again = tiny_models.build(tmp_path / "again", force=True)
+def test_build_is_deterministic(built, request):
+    """Two builds in two processes: this module's, and the session's build/tiny (the set-up's on a fresh machine)."""
+    again = request.getfixturevalue("tiny_models")
     assert (again / "actor" / "tokenizer.json").read_bytes() == (built / "actor" / "tokenizer.json").read_bytes()
     for name in ("actor", "critic", "reward"):
         first = load_file(built / name / "model.safetensors")
