@@ -27,6 +27,7 @@ from rlhf.core.problems import InputError
 FAILED_KEY = "rlhf/failed"
 HEARTBEAT_S = 1.0
 STALE_AFTER_S = 20.0
+STOP_JOIN_S = 30.0  # a heartbeat's store calls end within their own timeouts; beyond this, leave anyway
 LEAVE_TIMEOUT_S = 120.0  # how long global rank 0, which serves the store, waits at the end for every rank to stop
 DONE_POLL_S = 0.05
 
@@ -231,8 +232,13 @@ class Watchdog:
             pass
 
     def stop(self) -> None:
-        """This process is done: it stops beating, and the others must not count that as a failure."""
+        """This process is done: it stops beating, and the others must not count that as a failure.
+
+        The thread is joined before this returns: a daemon thread still inside a store call (C++) when the
+        interpreter exits is torn down by a forced unwind through that call, which aborts the whole process
+        ("terminate called without an active exception", status -6) and fails a run that completed."""
         self.stopped.set()
+        self.thread.join(timeout=STOP_JOIN_S)
         try:
             self.store.set(f"rlhf/done/{self.topo.rank}", "1")
         except Exception:  # noqa: BLE001 - rank 0 may have finished and closed the store first
