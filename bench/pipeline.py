@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from rlhf.metrics import read_metrics  # noqa: E402 - after the repository is on the path
+from bench.local_job import print_columns, run_local_job  # noqa: E402 - after the repository is on the path
 
 SPEC = REPO / "specs" / "tiny_cpu.yaml"
 ROLES = ("generator", "actor", "critic", "reference", "reward")
@@ -83,17 +83,10 @@ def run_job(out: Path, name: str, steps: int, sets: list[str]) -> tuple[list[dic
 
     overrides = [*OVERRIDES, *sets, f"train_config.max_train_step={steps}"]
     plan = load_spec(SPEC, overrides).plan
-    generator_ranks = set(plan.role("generator").ranks)
-    args = [sys.executable, "-m", "launcher.cli", str(SPEC), "--local", "--processes", "--no-check", "--output-dir", str(out),
-            "--set", f"run.name={name}"]
-    for override in overrides:
-        args += ["--set", override]
-    launcher = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    pinned = pin(launcher, generator_ranks, plan.world_size)
-    _, err = launcher.communicate(timeout=1800)
-    if launcher.returncode != 0:
-        sys.exit(f"the {name} run failed:\n{err[-3000:]}")
-    return read_metrics(out / name), pinned
+    pinned = []
+    rows = run_local_job(SPEC, out, name, overrides,
+                         started=lambda launcher: pinned.append(pin(launcher, set(plan.role("generator").ranks), plan.world_size)))
+    return rows, pinned[0]
 
 
 def figures(rows: list[dict]) -> dict[str, float]:
@@ -127,14 +120,13 @@ def main(argv: list[str] | None = None) -> int:
             got[mode] = figures(rows[DROPPED:])
     sync, lagged = got["synchronous"], got["asynchronous"]
     print()
-    print(f"{'medians over ' + str(args.steps - DROPPED) + ' steps':<34}{'synchronous':>13}{'asynchronous':>13}")
-    print(f"{'step time, s':<34}{sync['step']:>13.3f}{lagged['step']:>13.3f}")
-    print(f"{'score + train (rank 0), s':<34}{sync['train']:>13.3f}{lagged['train']:>13.3f}")
-    for role in ROLES:
-        print(f"{'  busy_' + role + ', s':<34}{sync['busy_' + role]:>13.3f}{lagged['busy_' + role]:>13.3f}")
-    for role in ROLES:
-        print(f"{'  util_' + role:<34}{sync['util_' + role]:>13.3f}{lagged['util_' + role]:>13.3f}")
-    print(f"{'response tokens (the same work)':<34}{sync['tokens']:>13.1f}{lagged['tokens']:>13.1f}")
+    print_columns(f"medians over {args.steps - DROPPED} steps", ("synchronous", "asynchronous"), [
+        ("step time, s", (sync["step"], lagged["step"]), ".3f"),
+        ("score + train (rank 0), s", (sync["train"], lagged["train"]), ".3f"),
+        *((f"  busy_{role}, s", (sync[f"busy_{role}"], lagged[f"busy_{role}"]), ".3f") for role in ROLES),
+        *((f"  util_{role}", (sync[f"util_{role}"], lagged[f"util_{role}"]), ".3f") for role in ROLES),
+        ("response tokens (the same work)", (sync["tokens"], lagged["tokens"]), ".1f"),
+    ])
     print(f"asynchronous / synchronous step time: {lagged['step'] / sync['step']:.3f} (target <= 0.7)")
     print(f"generation / (score + train), synchronous: {sync['busy_generator'] / max(sync['train'], 1e-9):.2f}")
     print(f"\ntotal {time.perf_counter() - started:.1f} s; load avg now {os.getloadavg()[0]:.2f}")

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,8 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from rlhf.loop import SEQUENTIAL_SCORING_ENV  # noqa: E402 - after the repository is on the path
-from rlhf.metrics import read_metrics  # noqa: E402
+from bench.local_job import print_columns, run_local_job  # noqa: E402 - after the repository is on the path
+from rlhf.loop import SEQUENTIAL_SCORING_ENV  # noqa: E402
 
 SPEC = REPO / "specs" / "tiny_cpu.yaml"
 ROLES = ("actor", "reference", "critic", "reward")
@@ -59,17 +58,10 @@ OVERRIDES = [
 
 def run_job(out: Path, name: str, steps: int, sequential: bool) -> list[dict]:
     """The tiny job over four processes for ``steps`` steps; its metrics rows."""
-    args = [sys.executable, "-m", "launcher.cli", str(SPEC), "--local", "--processes", "--output-dir", str(out),
-            "--set", f"run.name={name}", "--set", f"train_config.max_train_step={steps}"]
-    for override in OVERRIDES:
-        args += ["--set", override]
     env = {k: v for k, v in os.environ.items() if k != SEQUENTIAL_SCORING_ENV}
     if sequential:
         env[SEQUENTIAL_SCORING_ENV] = "1"
-    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
-    if proc.returncode != 0:
-        sys.exit(f"the {name} run failed:\n{proc.stderr[-3000:]}")
-    return read_metrics(out / name)
+    return run_local_job(SPEC, out, name, [*OVERRIDES, f"train_config.max_train_step={steps}"], env=env)
 
 
 def figures(rows: list[dict]) -> dict[str, float]:
@@ -104,14 +96,14 @@ def main(argv: list[str] | None = None) -> int:
                 rows[mode] += run_job(Path(tmp), f"{mode}-{round_}", args.steps, mode == "sequential")[1:]
     got = {mode: figures(r) for mode, r in rows.items()}
     print()
-    print(f"{'medians over ' + str(len(rows['overlapped'])) + ' steps, seconds':<34}{'sequential':>12}{'overlapped':>12}")
-    lines = [("score phase (rank 0)", "phase"), ("slowest pass", "slowest"), ("sum of the four passes", "sum"),
-             *((f"  {role} pass", role) for role in ROLES), ("step", "step")]
-    for label, key in lines:
-        print(f"{label:<34}{got['sequential'][key]:>12.4f}{got['overlapped'][key]:>12.4f}")
-    print(f"{'score phase / slowest pass':<34}{got['sequential']['ratio']:>12.3f}{got['overlapped']['ratio']:>12.3f}")
-    for role in ROLES:
-        print(f"{'  util_' + role:<34}{got['sequential']['util_' + role]:>12.3f}{got['overlapped']['util_' + role]:>12.3f}")
+    seq, over = got["sequential"], got["overlapped"]
+    keys = [("score phase (rank 0)", "phase"), ("slowest pass", "slowest"), ("sum of the four passes", "sum"),
+            *((f"  {role} pass", role) for role in ROLES), ("step", "step")]
+    print_columns(f"medians over {len(rows['overlapped'])} steps, seconds", ("sequential", "overlapped"), [
+        *((label, (seq[key], over[key]), ".4f") for label, key in keys),
+        ("score phase / slowest pass", (seq["ratio"], over["ratio"]), ".3f"),
+        *((f"  util_{role}", (seq[f"util_{role}"], over[f"util_{role}"]), ".3f") for role in ROLES),
+    ])
     print(f"overlapped / sequential score phase: {got['overlapped']['phase'] / got['sequential']['phase']:.3f}")
     print(f"\ntotal {time.perf_counter() - started:.1f} s; load avg now {os.getloadavg()[0]:.2f}")
     return 0

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import subprocess
+import sys
 import time
 
 import torch
@@ -17,6 +19,7 @@ import torch
 from launcher.local import free_port
 from rlhf import dist as rlhf_dist
 from rlhf.dist import HEARTBEAT_S, PeerGroup, Topology, Watchdog, leave, rendezvous
+from tests.conftest import ROOT
 from tests.factory import load
 
 CPU = torch.device("cpu")
@@ -100,11 +103,6 @@ def test_a_rank_that_stops_its_watchdog_exits_cleanly():
     """A daemon thread still inside a C++ store call when the interpreter exits is unwound by force, which aborts
     the process (status -6, 'terminate called without an active exception'): a completed run's rank would fail.
     ``stop`` joins the thread, so the exit is clean every time."""
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
-
     for _ in range(3):  # without the join, the first one aborts
         proc = subprocess.run([sys.executable, "-c", EXIT_WHILE_BEATING], capture_output=True, text=True, timeout=120, cwd=ROOT)
         assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
