@@ -33,8 +33,10 @@ def run_local_job(spec: Path, out: Path, name: str, overrides: Sequence[str], *,
         if launcher.poll() is None:  # a benchmark stopped early leaves no job behind
             launcher.terminate()
             launcher.wait(timeout=60)
-    if launcher.returncode != 0:
-        sys.exit(f"the {name} run failed:\n{err[-3000:]}")
+    if launcher.returncode != 0:  # the rank logs go with the benchmark's temporary folder: show their ends now
+        logs = "".join(f"\n--- {log}:\n" + "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+                       for log in sorted((out / name / "logs").glob("*.log")))
+        sys.exit(f"the {name} run failed:\n{err[-3000:]}{logs}")
     return read_metrics(out / name)
 
 
