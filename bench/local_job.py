@@ -23,7 +23,10 @@ def run_local_job(spec: Path, out: Path, name: str, overrides: Sequence[str], *,
             "--output-dir", str(out), "--set", f"run.name={name}"]
     for override in overrides:
         args += ["--set", override]
-    launcher = subprocess.Popen(args, cwd=REPO, env=env if env is not None else dict(os.environ),
+    env = dict(os.environ if env is None else env)
+    # A rank that aborts in C++ (SIGABRT) then prints every thread's Python stack into its log.
+    env.setdefault("PYTHONFAULTHANDLER", "1")
+    launcher = subprocess.Popen(args, cwd=REPO, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         if started is not None:
