@@ -2,11 +2,11 @@
 
     .venv/bin/python bench/heldout_accuracy.py build/smollm2                                   # the base model
     .venv/bin/python bench/heldout_accuracy.py runs/smollm2_grpo_cpu/final/actor               # after training
-    .venv/bin/python bench/heldout_accuracy.py build/smollm2 --checkpoint RUN/checkpoints/step-10/actor.pt
+    .venv/bin/python bench/heldout_accuracy.py build/smollm2 --checkpoint RUN/checkpoints/step-00000012
     .venv/bin/python bench/heldout_accuracy.py build/smollm2 runs/smollm2_grpo_cpu/final/actor --limit 50
 
 Each MODEL is a Hugging Face folder (a run's ``final/actor``, or the base model); ``--checkpoint`` instead loads
-the weights of a run's checkpoint (``checkpoints/step-N/actor.pt``, written without DeepSpeed) into the
+the weights of a run's checkpoint (a ``checkpoints/step-NNNNNNNN`` folder or its ``actor.pt``, written without DeepSpeed) into the
 architecture of the one MODEL given. Prompts are rendered exactly as the training renders them
 (``rlhf.data.render_prompts``: the tokenizer's chat template, no system prompt unless the template adds
 its own), answered greedily with HF ``generate`` (``--max-new-tokens``, default 64, as the spec) and scored
@@ -54,6 +54,20 @@ def load_policy(model_dir: str, checkpoint: str | None):
         state = torch.load(checkpoint, map_location="cpu", weights_only=False)
         model.load_state_dict(unwrapped(state.get("model", state), set(model.state_dict())), strict=True)
     return tokenizer, model.eval()
+
+
+def checkpoint_file(path: Path) -> Path:
+    """The actor weights file of ``path``: the file itself, or ``actor.pt`` in a checkpoint folder; a missing one
+    raises FileNotFoundError naming the checkpoints that do exist next to it."""
+    file = path / "actor.pt" if path.is_dir() else path
+    if file.is_file():
+        return file
+    folder = path if path.is_dir() else path.parent
+    candidates = folder if folder.name == "checkpoints" else folder.parent
+    found = sorted(p.name for p in candidates.glob("step-*")) if candidates.is_dir() else []
+    hint = f"; checkpoints in {candidates}: {', '.join(found)}" if found else ""
+    why = "no actor.pt in it (a DeepSpeed checkpoint has none)" if path.is_dir() else "no such file or folder"
+    raise FileNotFoundError(f"--checkpoint {path}: {why}{hint}")
 
 
 def unwrapped(weights: dict, expected: set[str]) -> dict:
@@ -112,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     """Evaluate each model given (or one model with a checkpoint's weights) and print the accuracies."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="+", help="Hugging Face model folders")
-    parser.add_argument("--checkpoint", help="a run's checkpoints/step-N/actor.pt, loaded into the (single) model given")
+    parser.add_argument(
+        "--checkpoint", help="a run's checkpoints/step-NNNNNNNN folder (or its actor.pt), loaded into the (single) model given"
+    )
     parser.add_argument("--data", default=str(TEST_SET), help="JSONL records with prompt and answer (default: the test split)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N records")
     parser.add_argument("--batch-size", type=int, default=25)
@@ -124,6 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.checkpoint and len(args.models) != 1:
         parser.error("--checkpoint takes exactly one model folder (the architecture to load it into)")
+    missing = [path for path in [*args.models, args.data] if not Path(path).exists()]
+    if missing:
+        parser.error(f"no such file or folder: {', '.join(missing)}")
+    if args.checkpoint:
+        try:
+            args.checkpoint = str(checkpoint_file(Path(args.checkpoint)))
+        except FileNotFoundError as exc:
+            parser.error(str(exc))
 
     import torch
 
