@@ -27,7 +27,7 @@ Run an RLHF-PPO job from a YAML spec.
   rlhf-launch SPEC --partition gpu    submit one heterogeneous Slurm job
   rlhf-launch SPEC --local            train on this machine (add --resume to continue a run)
   rlhf-launch SPEC --check            check the data, models, tokenizer and reward function, then stop
-  rlhf-launch plot RUN_DIR            draw reward and KL over steps into RUN_DIR/curves.png
+  rlhf-launch plot RUN_DIR            draw reward and KL (or --metrics KEY,...) over steps into RUN_DIR/curves.png
   rlhf-launch status RUN_DIR|JOB_ID   state per component, last metrics, logs
   rlhf-launch cancel RUN_DIR|JOB_ID   cancel the Slurm job
   rlhf-launch convert CONFIG.py       convert an XTuner-RLHF config to a spec

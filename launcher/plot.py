@@ -1,7 +1,9 @@
-"""`rlhf-launch plot RUN_DIR`: reward and KL curves of a run, as a PNG.
+"""`rlhf-launch plot RUN_DIR [--metrics KEY,...]`: curves of a run's metrics, as a PNG.
 
-Reads ``<run_dir>/metrics.jsonl`` (written by ``rlhf.metrics.MetricsLogger``) and draws
-reward_mean and kl over the PPO steps, one panel each, to ``<run_dir>/curves.png``.
+Reads ``<run_dir>/metrics.jsonl`` (written by ``rlhf.metrics.MetricsLogger``) and draws the
+chosen metrics (default reward_mean and kl) over the PPO steps, one panel each, to
+``<run_dir>/curves.png``. A run without a reference logs no kl: plot what it has instead,
+e.g. ``--metrics reward_mean,response_len_mean,filtered_frac``.
 Imports no torch, and matplotlib only when plotting; figures are drawn with the Agg
 canvas directly, so no display and no global backend switch are needed.
 """
@@ -24,8 +26,8 @@ class PlotError(Exception):
     """A run folder that cannot be plotted (missing, no metrics, damaged metrics)."""
 
 
-def load_curves(run_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
-    """(steps, values) of each curve; null (NaN) values and records without the key are skipped."""
+def load_curves(run_dir: Path, keys: Sequence[str] = CURVES) -> dict[str, tuple[list[int], list[float]]]:
+    """(steps, values) of each of ``keys``; null (NaN) values and records without the key are skipped."""
     if not run_dir.is_dir():
         raise PlotError(f"{run_dir}: no such run folder")
     try:
@@ -35,11 +37,13 @@ def load_curves(run_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
     except ValueError as exc:
         raise PlotError(str(exc)) from None
     curves = {}
-    for key in CURVES:
+    for key in keys:
         points = [(r["step"], r[key]) for r in records if "step" in r and isinstance(r.get(key), (int, float))]
         curves[key] = ([s for s, _ in points], [float(v) for _, v in points])
     if not any(steps for steps, _ in curves.values()):
-        raise PlotError(f"{run_dir / METRICS_FILE}: no {' or '.join(CURVES)} values to plot")
+        logged = sorted({k for r in records for k, v in r.items() if k != "step" and isinstance(v, (int, float))})
+        hint = f"; it logs: {', '.join(logged)} (choose with --metrics)" if logged else ""
+        raise PlotError(f"{run_dir / METRICS_FILE}: no {' or '.join(keys)} values to plot{hint}")
     return curves
 
 
@@ -72,20 +76,20 @@ def _draw(ax, key: str, steps: list[int], values: list[float], window: int) -> N
     ax.legend(loc="best")
 
 
-def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Draw the run's reward_mean and kl curves into ``out`` (default ``<run_dir>/curves.png``)."""
+def plot_run(run_dir: str | Path, out: str | Path | None = None, keys: Sequence[str] = CURVES) -> Path:
+    """Draw the run's curves of ``keys`` (default reward_mean and kl) into ``out`` (default ``<run_dir>/curves.png``)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     run_dir = Path(run_dir)
-    curves = load_curves(run_dir)
+    curves = load_curves(run_dir, keys)
     out = Path(out) if out is not None else run_dir / DEFAULT_PNG
-    fig = Figure(figsize=(8, 6), layout="constrained")
+    fig = Figure(figsize=(8, 1 + 2.5 * len(keys)), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(len(CURVES), 1, sharex=True)
-    # One window for both panels (from the longer curve), so that they smooth alike.
+    axes = fig.subplots(len(keys), 1, sharex=True, squeeze=False)[:, 0]
+    # One window for every panel (from the longest curve), so that they smooth alike.
     window = smoothing_window(max(len(steps) for steps, _ in curves.values()))
-    for ax, key in zip(axes, CURVES, strict=True):
+    for ax, key in zip(axes, keys, strict=True):
         _draw(ax, key, *curves[key], window)
     axes[-1].set_xlabel("PPO step")
     fig.suptitle(f"run {run_dir.resolve().name}")
@@ -94,14 +98,27 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     return out
 
 
+def metric_keys(text: str) -> tuple[str, ...]:
+    """The comma-separated keys of ``--metrics``, each once, in the order given."""
+    keys = tuple(dict.fromkeys(k.strip() for k in text.split(",") if k.strip()))
+    if not keys:
+        raise argparse.ArgumentTypeError("give at least one key, e.g. reward_mean,response_len_mean")
+    return keys
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``rlhf-launch plot RUN_DIR [--out PNG]``: print the PNG written; exit status 2 on a bad run folder."""
-    p = argparse.ArgumentParser(prog="rlhf-launch plot", description="Plot reward_mean and kl of a run.")
+    """``rlhf-launch plot RUN_DIR [--out PNG] [--metrics KEY,...]``: print the PNG written; exit status 2 on a bad
+    run folder or metrics it has not logged."""
+    p = argparse.ArgumentParser(prog="rlhf-launch plot", description="Plot metrics of a run (default reward_mean and kl).")
     p.add_argument("run_dir", metavar="RUN_DIR", type=Path, help="run folder holding metrics.jsonl")
     p.add_argument("--out", metavar="PNG", type=Path, help=f"image to write (default RUN_DIR/{DEFAULT_PNG})")
+    p.add_argument(
+        "--metrics", metavar="KEY,...", type=metric_keys, default=CURVES,
+        help=f"metrics.jsonl keys to plot, one panel each (default {','.join(CURVES)})",
+    )
     args = p.parse_args(argv)
     try:
-        path = plot_run(args.run_dir, args.out)
+        path = plot_run(args.run_dir, args.out, args.metrics)
     except PlotError as exc:
         print(f"rlhf-launch plot: {exc}", file=sys.stderr)
         return 2

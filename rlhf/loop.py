@@ -297,7 +297,8 @@ class PPOLoop:
         Every process has each round's whole rollout and scores (gathered), so all make the same choices and
         run the same rounds. Returns the batch, its scores and the metrics filtered_frac (share of the groups
         generated that were dropped), sampling_rounds and dynamic_topped_up (dropped groups put back to fill
-        the batch), with gen_tokens (every round's response tokens)."""
+        the batch), reward_generated_mean (raw scores of every round's responses, kept or not) with gen_tokens
+        (every round's response tokens)."""
         spec, timer = self.spec, self.timer
         ro = spec.rollout_config
         n, wanted = ro.n_samples_per_prompt, spec.dataset_config.num_samples_each_epoch
@@ -319,6 +320,7 @@ class PPOLoop:
         generated = sum(len(f) for f in flags)
         return batch, scores, {
             "filtered_frac": 1.0 - sum(map(sum, flags)) / generated,
+            "reward_generated_mean": float(torch.cat([round_scores for _, round_scores in rounds]).mean()),
             "sampling_rounds": float(len(rounds)),
             "dynamic_topped_up": float(topped_up),
             "gen_tokens": sum(int(rollout["response_mask"].sum()) for rollout, _ in rounds),

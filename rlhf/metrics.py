@@ -24,7 +24,10 @@ Without a critic (advantage_estimator other than gae) there is no value_loss, va
 With rollout_config.dynamic_sampling (DAPO): filtered_frac is the share of the groups generated over the step's
 rounds whose n rewards were all equal (dropped), sampling_rounds the generate rounds the step took, and
 dynamic_topped_up the dropped groups put back when max_draws rounds did not fill the batch; gen_tokens_per_s
-counts every round's tokens. With train_config.pretrain_loss_weight > 0 (PPO-ptx): actor_ptx_loss is the mean
+counts every round's tokens. reward_mean is then the mean over the kept groups, which are picked for their mixed
+rewards; reward_generated_mean, the mean raw score of every response generated in the step's rounds, kept or
+dropped, is the policy's reward on the prompt distribution (what reward_mean is without dynamic sampling).
+With train_config.pretrain_loss_weight > 0 (PPO-ptx): actor_ptx_loss is the mean
 token negative log-likelihood of the pretraining text before the weight, averaged over the optimizer steps.
 
 Where the time goes, per role the job plans (generator, actor, reference, critic, reward; not an unplanned critic

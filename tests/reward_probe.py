@@ -55,5 +55,6 @@ def even_questions_constant(prompts: list[str], responses: list[str], answer: li
     """Checks each row's ``answer``; scores 1.0 for every response to an even-numbered question (a group of equal
     rewards, which dynamic sampling drops) and the response's vowels otherwise."""
     _check(prompts, answer)
-    CALLS.append({"prompts": prompts, "answer": answer})
-    return [1.0 if int(given) % 4 == 0 else vowel_score(r) for given, r in zip(answer, responses, strict=True)]
+    scores = [1.0 if int(given) % 4 == 0 else vowel_score(r) for given, r in zip(answer, responses, strict=True)]
+    CALLS.append({"prompts": prompts, "answer": answer, "scores": scores})
+    return scores

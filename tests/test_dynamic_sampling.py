@@ -84,7 +84,12 @@ def test_dynamic_rollout_keeps_only_informative_groups(tiny_models, tmp_path):
 
     source = reward_probe.question_records(tmp_path / "questions.jsonl")
     loop = PPOLoop(make_spec(_overrides(source)), tmp_path / "run")
+    reward_probe.CALLS.clear()
     batch, scores, metrics = loop._dynamic_rollout(1)
+    every_score = [s for call in reward_probe.CALLS for s in call["scores"]]  # each round's responses, kept or not
+    assert len(every_score) == 32 * metrics["sampling_rounds"]
+    assert metrics["reward_generated_mean"] == pytest.approx(sum(every_score) / len(every_score), abs=1e-6)
+    assert metrics["reward_generated_mean"] != pytest.approx(float(scores.mean()), abs=1e-3)  # the dropped groups count
     assert batch["response_ids"].shape[0] == 32 and scores.shape == (32,)
     assert metrics["filtered_frac"] > 0 and metrics["sampling_rounds"] >= 2 and metrics["dynamic_topped_up"] == 0
     assert bool(ppo.informative_groups(scores, 4).all())
@@ -98,6 +103,7 @@ def test_dynamic_rollout_keeps_only_informative_groups(tiny_models, tmp_path):
     batch, scores, metrics = one._dynamic_rollout(1)
     assert metrics["sampling_rounds"] == 1 and metrics["dynamic_topped_up"] == 8 * metrics["filtered_frac"] > 0
     assert int((~ppo.informative_groups(scores, 4)).sum()) == metrics["dynamic_topped_up"]
+    assert metrics["reward_generated_mean"] == pytest.approx(float(scores.mean()), abs=1e-6)  # one round, all of it kept
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""`rlhf-launch plot`: a PNG of the reward and KL curves, clean errors for unplottable folders."""
+"""`rlhf-launch plot`: a PNG of the reward and KL curves (or the metrics chosen), clean errors for unplottable folders."""
 
 from __future__ import annotations
 
@@ -67,3 +67,20 @@ def test_main_reports_an_empty_folder_in_one_line(tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.count("\n") == 1 and captured.err.startswith("rlhf-launch plot: ") and "no metrics.jsonl" in captured.err
+
+
+def test_metrics_option_plots_the_chosen_keys_and_names_the_logged_ones(tmp_path, capsys):
+    from launcher.plot import load_curves
+
+    (tmp_path / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "reward_mean": 0.1 * s, "filtered_frac": 0.5, "entropy": None}) + "\n" for s in (1, 2, 3))
+    )
+    assert main([str(tmp_path), "--metrics", "reward_mean, filtered_frac,reward_mean"]) == 0
+    assert (tmp_path / "curves.png").read_bytes().startswith(PNG_MAGIC)
+    assert load_curves(tmp_path, ("filtered_frac", "kl")) == {"filtered_frac": ([1, 2, 3], [0.5] * 3), "kl": ([], [])}
+    capsys.readouterr()
+    assert main([str(tmp_path), "--metrics", "kl,entropy"]) == 2  # neither logged (entropy only as null)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no kl or entropy values" in err and "it logs: filtered_frac, reward_mean" in err
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "--metrics", " , "])
