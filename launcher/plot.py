@@ -1,9 +1,9 @@
 """`rlhf-launch plot RUN_DIR [--metrics KEY,...]`: curves of a run's metrics, as a PNG.
 
 Reads ``<run_dir>/metrics.jsonl`` (written by ``rlhf.metrics.MetricsLogger``) and draws the
-chosen metrics (default reward_mean and kl) over the PPO steps, one panel each, to
-``<run_dir>/curves.png``. A run without a reference logs no kl: plot what it has instead,
-e.g. ``--metrics reward_mean,response_len_mean,filtered_frac``.
+chosen metrics over the PPO steps, one panel each, to ``<run_dir>/curves.png``. The default is
+reward_mean and kl; a run without a reference logs no kl, and gets reward_mean and
+response_len_mean instead. Any other keys: ``--metrics reward_mean,response_len_mean,filtered_frac``.
 Imports no torch, and matplotlib only when plotting; figures are drawn with the Agg
 canvas directly, so no display and no global backend switch are needed.
 """
@@ -18,6 +18,7 @@ from pathlib import Path
 from rlhf.metrics import METRICS_FILE, read_metrics
 
 CURVES = ("reward_mean", "kl")
+NO_KL_CURVES = ("reward_mean", "response_len_mean")  # the default for a run without a reference, which logs no kl
 DEFAULT_PNG = "curves.png"
 SMOOTH_ABOVE = 10  # points; fewer are readable as they are
 
@@ -26,8 +27,19 @@ class PlotError(Exception):
     """A run folder that cannot be plotted (missing, no metrics, damaged metrics)."""
 
 
-def load_curves(run_dir: Path, keys: Sequence[str] = CURVES) -> dict[str, tuple[list[int], list[float]]]:
-    """(steps, values) of each of ``keys``; null (NaN) values and records without the key are skipped."""
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def default_keys(records: list[dict]) -> tuple[str, ...]:
+    """reward_mean and kl; reward_mean and response_len_mean for a run that logs no kl but the response length."""
+    logs = {k for r in records for k, v in r.items() if _is_number(v)}
+    return NO_KL_CURVES if "kl" not in logs and "response_len_mean" in logs else CURVES
+
+
+def load_curves(run_dir: Path, keys: Sequence[str] | None = None) -> dict[str, tuple[list[int], list[float]]]:
+    """(steps, values) of each of ``keys`` (default: ``default_keys``), in order; null (NaN) values and records
+    without the key are skipped."""
     if not run_dir.is_dir():
         raise PlotError(f"{run_dir}: no such run folder")
     try:
@@ -36,12 +48,13 @@ def load_curves(run_dir: Path, keys: Sequence[str] = CURVES) -> dict[str, tuple[
         raise PlotError(f"{run_dir}: no {METRICS_FILE} (has the run logged a step yet?)") from None
     except ValueError as exc:
         raise PlotError(str(exc)) from None
+    keys = default_keys(records) if keys is None else keys
     curves = {}
     for key in keys:
-        points = [(r["step"], r[key]) for r in records if "step" in r and isinstance(r.get(key), (int, float))]
+        points = [(r["step"], r[key]) for r in records if "step" in r and _is_number(r.get(key))]
         curves[key] = ([s for s, _ in points], [float(v) for _, v in points])
     if not any(steps for steps, _ in curves.values()):
-        logged = sorted({k for r in records for k, v in r.items() if k != "step" and isinstance(v, (int, float))})
+        logged = sorted({k for r in records for k, v in r.items() if k != "step" and _is_number(v)})
         hint = f"; it logs: {', '.join(logged)} (choose with --metrics)" if logged else ""
         raise PlotError(f"{run_dir / METRICS_FILE}: no {' or '.join(keys)} values to plot{hint}")
     return curves
@@ -76,13 +89,15 @@ def _draw(ax, key: str, steps: list[int], values: list[float], window: int) -> N
     ax.legend(loc="best")
 
 
-def plot_run(run_dir: str | Path, out: str | Path | None = None, keys: Sequence[str] = CURVES) -> Path:
-    """Draw the run's curves of ``keys`` (default reward_mean and kl) into ``out`` (default ``<run_dir>/curves.png``)."""
+def plot_run(run_dir: str | Path, out: str | Path | None = None, keys: Sequence[str] | None = None) -> Path:
+    """Draw the run's curves of ``keys`` (default: reward_mean and kl, or response_len_mean in kl's place for a run
+    that logs no kl) into ``out`` (default ``<run_dir>/curves.png``)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     run_dir = Path(run_dir)
     curves = load_curves(run_dir, keys)
+    keys = tuple(curves)
     out = Path(out) if out is not None else run_dir / DEFAULT_PNG
     fig = Figure(figsize=(8, 1 + 2.5 * len(keys)), layout="constrained")
     FigureCanvasAgg(fig)
@@ -113,8 +128,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("run_dir", metavar="RUN_DIR", type=Path, help="run folder holding metrics.jsonl")
     p.add_argument("--out", metavar="PNG", type=Path, help=f"image to write (default RUN_DIR/{DEFAULT_PNG})")
     p.add_argument(
-        "--metrics", metavar="KEY,...", type=metric_keys, default=CURVES,
-        help=f"metrics.jsonl keys to plot, one panel each (default {','.join(CURVES)})",
+        "--metrics", metavar="KEY,...", type=metric_keys, default=None,
+        help=f"metrics.jsonl keys to plot, one panel each (default {','.join(CURVES)}; {','.join(NO_KL_CURVES)} for a run "
+        "without a reference, which logs no kl)",
     )
     args = p.parse_args(argv)
     try:

@@ -84,3 +84,16 @@ def test_metrics_option_plots_the_chosen_keys_and_names_the_logged_ones(tmp_path
     assert err.count("\n") == 1 and "no kl or entropy values" in err and "it logs: filtered_frac, reward_mean" in err
     with pytest.raises(SystemExit):
         main([str(tmp_path), "--metrics", " , "])
+
+
+def test_default_panels_put_the_response_length_in_place_of_a_kl_the_run_never_logged(tmp_path):
+    from launcher.plot import load_curves
+
+    def logged(**values):
+        (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, **values}) + "\n" for s in (1, 2)))
+        return list(load_curves(tmp_path))
+
+    assert logged(reward_mean=0.5, response_len_mean=30.0) == ["reward_mean", "response_len_mean"]  # no reference
+    assert logged(reward_mean=0.5, response_len_mean=30.0, kl=0.1) == ["reward_mean", "kl"]
+    assert logged(reward_mean=0.5, response_len_mean=30.0, kl=None) == ["reward_mean", "response_len_mean"]
+    assert logged(reward_mean=0.5) == ["reward_mean", "kl"]  # nothing to put in kl's place: its panel says so
