@@ -58,14 +58,15 @@ def load_policy(model_dir: str, checkpoint: str | None):
 
 def checkpoint_file(path: Path) -> Path:
     """The actor weights file of ``path``: the file itself, or ``actor.pt`` in a checkpoint folder; a missing one
-    raises FileNotFoundError naming the checkpoints that do exist next to it."""
+    raises FileNotFoundError naming the run's complete checkpoints (``path`` taken as RUN/checkpoints[/step-N[/file]])."""
+    from rlhf.checkpoint import complete_checkpoints
+
     file = path / "actor.pt" if path.is_dir() else path
     if file.is_file():
         return file
-    folder = path if path.is_dir() else path.parent
-    candidates = folder if folder.name == "checkpoints" else folder.parent
-    found = sorted(p.name for p in candidates.glob("step-*")) if candidates.is_dir() else []
-    hint = f"; checkpoints in {candidates}: {', '.join(found)}" if found else ""
+    run_dir = next((p.parent for p in (path, *path.parents) if p.name == "checkpoints"), None)
+    found = [c.name for c in complete_checkpoints(run_dir)] if run_dir is not None else []
+    hint = f"; complete checkpoints in {run_dir / 'checkpoints'}: {', '.join(found)}" if found else ""
     why = "no actor.pt in it (a DeepSpeed checkpoint has none)" if path.is_dir() else "no such file or folder"
     raise FileNotFoundError(f"--checkpoint {path}: {why}{hint}")
 

@@ -31,9 +31,14 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def logged_keys(records: list[dict]) -> set[str]:
+    """The keys besides step that hold a number in at least one record."""
+    return {k for r in records for k, v in r.items() if k != "step" and _is_number(v)}
+
+
 def default_keys(records: list[dict]) -> tuple[str, ...]:
     """reward_mean and kl; reward_mean and response_len_mean for a run that logs no kl but the response length."""
-    logs = {k for r in records for k, v in r.items() if _is_number(v)}
+    logs = logged_keys(records)
     return NO_KL_CURVES if "kl" not in logs and "response_len_mean" in logs else CURVES
 
 
@@ -54,7 +59,7 @@ def load_curves(run_dir: Path, keys: Sequence[str] | None = None) -> dict[str, t
         points = [(r["step"], r[key]) for r in records if "step" in r and _is_number(r.get(key))]
         curves[key] = ([s for s, _ in points], [float(v) for _, v in points])
     if not any(steps for steps, _ in curves.values()):
-        logged = sorted({k for r in records for k, v in r.items() if k != "step" and _is_number(v)})
+        logged = sorted(logged_keys(records))
         hint = f"; it logs: {', '.join(logged)} (choose with --metrics)" if logged else ""
         raise PlotError(f"{run_dir / METRICS_FILE}: no {' or '.join(keys)} values to plot{hint}")
     return curves
