@@ -11,7 +11,7 @@ It runs, and prints one JSON line per part plus a summary:
       weights, bf16 compute, the project's PolicyModule and TorchTrainer) and greedy decode
       throughput of HF generate against the HBM roofline;
   (c) the peak memory measured in (b)'s training step against the resource plan's estimate
-      (rlhf/core/memory.py) for the same model and batch.
+      (rlhf_launch/core/memory.py) for the same model and batch.
 
 Rooflines are the figures measured on the H200 this check was written for (--peak-tflops,
 --hbm-tbps override them). MFU counts 6 N T + 12 L H S T FLOPs per step (Chowdhery et al. 2022,
@@ -35,10 +35,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rlhf.core import memory, schema  # noqa: E402 - after the path: runs from a checkout
-from rlhf.core.config import JobSpec  # noqa: E402
-from rlhf.core.model_shape import shape_from_config  # noqa: E402
-from rlhf.core.resolved import resolve  # noqa: E402
+from rlhf_launch.core import memory, schema  # noqa: E402 - after the path: runs from a checkout
+from rlhf_launch.core.config import JobSpec  # noqa: E402
+from rlhf_launch.core.model_shape import shape_from_config  # noqa: E402
+from rlhf_launch.core.resolved import resolve  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -84,8 +84,8 @@ def tiny_spec(device: str, run_dir: Path, steps: int, smoke: bool) -> JobSpec:
 
 
 def check_tiny_spec(device: torch.device, smoke: bool) -> dict:
-    from rlhf.demo.tiny_models import build
-    from rlhf.loop import PPOLoop
+    from rlhf_launch.demo.tiny_models import build
+    from rlhf_launch.runtime.loop import PPOLoop
 
     build()
     steps = 1 if smoke else 40
@@ -127,10 +127,10 @@ def train_flops(sizes: Sizes, non_embedding: int) -> float:
 
 
 def check_training(sizes: Sizes, device: torch.device, peak_tflops: float) -> tuple[dict, dict]:
-    from rlhf import ppo
-    from rlhf.core.config import TrainKwargs
-    from rlhf.engine import TorchTrainer
-    from rlhf.models import PolicyModule
+    from rlhf_launch.core.config import TrainKwargs
+    from rlhf_launch.runtime import ppo
+    from rlhf_launch.runtime.engine import TorchTrainer
+    from rlhf_launch.runtime.models import PolicyModule
 
     model, config = llama(sizes, torch.bfloat16, device)
     policy = PolicyModule(model)

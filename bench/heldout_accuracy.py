@@ -1,4 +1,4 @@
-"""Held-out accuracy of a policy on the arithmetic word problems: greedy answers scored by rlhf.rewards:math_answer.
+"""Held-out accuracy of a policy on the arithmetic word problems: greedy answers scored by rlhf_launch.runtime.rewards:math_answer.
 
     .venv/bin/python bench/heldout_accuracy.py build/smollm2                                   # the base model
     .venv/bin/python bench/heldout_accuracy.py runs/smollm2_grpo_cpu/final/actor               # after training
@@ -8,7 +8,7 @@
 Each MODEL is a Hugging Face folder (a run's ``final/actor``, or the base model); ``--checkpoint`` instead loads
 the weights of a run's checkpoint (a ``checkpoints/step-NNNNNNNN`` folder or its ``actor.pt``, written without DeepSpeed) into the
 architecture of the one MODEL given. Prompts are rendered exactly as the training renders them
-(``rlhf.data.render_prompts``: the tokenizer's chat template, no system prompt unless the template adds
+(``rlhf_launch.runtime.data.render_prompts``: the tokenizer's chat template, no system prompt unless the template adds
 its own), answered greedily with HF ``generate`` (``--max-new-tokens``, default 64, as the spec) and scored
 with ``math_answer``: 1 when the last number of the answer equals the record's ``answer``. Prints the
 accuracy over all prompts and per ``level`` (the number of operations), and a few answers.
@@ -59,7 +59,7 @@ def load_policy(model_dir: str, checkpoint: str | None):
 def checkpoint_file(path: Path) -> Path:
     """The actor weights file of ``path``: the file itself, or ``actor.pt`` in a checkpoint folder; a missing one
     raises FileNotFoundError naming the run's complete checkpoints (``path`` taken as RUN/checkpoints[/step-N[/file]])."""
-    from rlhf.checkpoint import complete_checkpoints
+    from rlhf_launch.runtime.checkpoint import complete_checkpoints
 
     file = path / "actor.pt" if path.is_dir() else path
     if file.is_file():
@@ -84,7 +84,7 @@ def answer_all(tokenizer, model, records: list[dict], batch_size: int, max_new_t
     """Greedy responses to the records' prompts, decoded without special tokens, in order."""
     import torch
 
-    from rlhf.data import render_prompts
+    from rlhf_launch.runtime.data import render_prompts
 
     responses: list[str] = []
     for start in range(0, len(records), batch_size):
@@ -99,7 +99,7 @@ def answer_all(tokenizer, model, records: list[dict], batch_size: int, max_new_t
 
 def evaluate(label: str, tokenizer, model, records: list[dict], args) -> dict:
     """Accuracy of one policy on ``records``: overall, per level, and the time it took."""
-    from rlhf.rewards import math_answer
+    from rlhf_launch.runtime.rewards import math_answer
 
     started = time.perf_counter()
     responses = answer_all(tokenizer, model, records, args.batch_size, args.max_new_tokens, args.max_seq_len)

@@ -17,9 +17,9 @@ def run_local_job(spec: Path, out: Path, name: str, overrides: Sequence[str], *,
     """Run ``spec`` with ``overrides`` as ``rlhf-launch --local --processes`` into ``out/name`` and return its
     metrics rows; ``started(launcher)`` is called once the launcher process is up (to pin its ranks, say).
     A failed run ends the benchmark with the launcher's last error lines."""
-    from rlhf.metrics import read_metrics
+    from rlhf_launch.runtime.metrics import read_metrics
 
-    args = [sys.executable, "-m", "launcher.cli", str(spec), "--local", "--processes", "--no-check",
+    args = [sys.executable, "-m", "rlhf_launch", str(spec), "--local", "--processes", "--no-check",
             "--output-dir", str(out), "--set", f"run.name={name}"]
     for override in overrides:
         args += ["--set", override]

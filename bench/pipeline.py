@@ -79,7 +79,7 @@ def pin(launcher: subprocess.Popen, generator_ranks: set[int], world: int, deadl
 
 def run_job(out: Path, name: str, steps: int, sets: list[str]) -> tuple[list[dict], str]:
     """The job over five pinned processes for ``steps`` steps; its metrics rows and how it was pinned."""
-    from launcher.spec import load_spec
+    from rlhf_launch.frontend.spec import load_spec
 
     overrides = [*OVERRIDES, *sets, f"train_config.max_train_step={steps}"]
     plan = load_spec(SPEC, overrides).plan

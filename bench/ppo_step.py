@@ -144,7 +144,7 @@ def check_models(spec) -> None:
         if not (Path(p) / "config.json").exists()
     ]
     if missing:
-        sys.exit(f"tiny models missing ({', '.join(missing)}); build them with: .venv/bin/python -m rlhf.demo.tiny_models")
+        sys.exit(f"tiny models missing ({', '.join(missing)}); build them with: .venv/bin/python -m rlhf_launch.demo.tiny_models")
 
 
 def shown(path: str) -> str:
@@ -171,14 +171,14 @@ def tracked_objects() -> int:
 
 def load_our_spec(overrides: list[str] | None = None):
     """specs/tiny_cpu.yaml with ``overrides`` (default: ``OUR_OVERRIDES``, the PPO step compared with TRL)."""
-    from launcher.spec import load_spec
+    from rlhf_launch.frontend.spec import load_spec
 
     return load_spec(SPEC, OUR_OVERRIDES if overrides is None else overrides).spec
 
 
 # ------------------------------------------------------------------------------------------ ours
 def bench_ours(spec, warmup: int, steps: int) -> dict:
-    from rlhf.loop import PPOLoop
+    from rlhf_launch.runtime.loop import PPOLoop
 
     with tempfile.TemporaryDirectory(prefix="bench-ppo-ours-") as tmp:
         setup_started = time.perf_counter()
@@ -216,8 +216,8 @@ def trl_dataset(spec, tokenizer):
     """The project's prompt file rendered with the tokenizer's chat template, as TRL expects."""
     from datasets import Dataset
 
-    from rlhf.core.data_sources import parse_source
-    from rlhf.data import encode_prompt, load_prompt_source
+    from rlhf_launch.core.data_sources import parse_source
+    from rlhf_launch.runtime.data import encode_prompt, load_prompt_source
 
     ids = []
     for entry in spec.dataset_config.ppo_datas:
@@ -235,7 +235,7 @@ def bench_trl(spec, warmup: int, steps: int, freeze: bool) -> dict:
         sys.exit(f"cannot import TRL's PPO ({exc}); install it with:\n    {TRL_HINT}")
     import torch
 
-    from rlhf.data import load_tokenizer
+    from rlhf_launch.runtime.data import load_tokenizer
 
     class UpdateClock(TrainerCallback):
         """perf_counter at each update's end: consecutive differences are whole updates (the

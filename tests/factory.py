@@ -2,7 +2,7 @@
 
 Specs: the tests that exercise the math, the plan or a runtime piece build the small spec they
 need here instead of reading the shipped files in specs/, so that editing a shipped spec cannot
-change what they test. Every spec goes through ``launcher.spec.validate``: it is checked and
+change what they test. Every spec goes through ``rlhf_launch.frontend.spec.validate``: it is checked and
 resolved exactly like a spec file, and a test asking for an invalid one gets the ``SpecError``.
 
 - ``spec_dict`` / ``load`` / ``make_spec``: the tiny CPU models in build/tiny and the project's
@@ -36,8 +36,8 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from launcher.spec import LoadedSpec, set_path, validate
-from rlhf.core.config import JobSpec
+from rlhf_launch.core.config import JobSpec
+from rlhf_launch.frontend.spec import LoadedSpec, set_path, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODELS = ROOT / "build" / "tiny"
@@ -188,7 +188,7 @@ def vllm_generator(data: int = 1, tensor: int = 1) -> dict[str, Any]:
     }}
 
 
-def reward_function(name: str = "rlhf.rewards:vowel_ratio") -> dict[str, Any]:
+def reward_function(name: str = "rlhf_launch.runtime.rewards:vowel_ratio") -> dict[str, Any]:
     """Overrides replacing the reward model by a Python function (which runs on the reference's ranks, or on the
     actor's when kl_coeff 0 leaves the job without a reference)."""
     return {"model_configs.reward.model_path": None, "model_configs.reward.num_params_b": None,
@@ -199,7 +199,7 @@ def reward_function(name: str = "rlhf.rewards:vowel_ratio") -> dict[str, Any]:
 def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 60.0) -> list[Any]:
     """Run ``fn(rank, world_size, store, *args)`` in ``world_size`` processes; return what each
     returned, in rank order. ``store`` is a client of one TCPStore, served by a process of its own
-    that outlives every rank, on which ``rlhf.dist.PeerGroup``s can be built.
+    that outlives every rank, on which ``rlhf_launch.runtime.dist.PeerGroup``s can be built.
 
     The processes are forked: they start in milliseconds (spawned ones would import torch and
     transformers again, seconds each) and ``fn`` may be a closure. A rank that raises fails the
@@ -321,7 +321,7 @@ def build_other_reward_model(directory: Path, vocab_size: int = 384, seed: int =
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaForSequenceClassification, PreTrainedTokenizerFast
 
-    from rlhf.demo import tiny_models
+    from rlhf_launch.demo import tiny_models
 
     corpus = [m["content"] for messages in tiny_models.load_prompt_messages() for m in messages]
     bpe = Tokenizer(models.BPE())
@@ -344,7 +344,7 @@ def build_other_reward_model(directory: Path, vocab_size: int = 384, seed: int =
 
 # --------------------------------------------------------------------------- exactness of a feature's runs
 TIMING_SUFFIXES = ("_time_s", "gen_tokens_per_s")
-TIMING_PREFIXES = ("busy_", "util_")  # per-role busy seconds and utilization (rlhf/loop.py role_utilization)
+TIMING_PREFIXES = ("busy_", "util_")  # per-role busy seconds and utilization (rlhf_launch/runtime/step_timing.py role_utilization)
 
 
 def without_timing(rows: list[dict]) -> list[dict]:
@@ -360,8 +360,8 @@ def check_resume_and_ranks(tmp_path: Path, single: Mapping[str, Any], keys: tupl
 
     import pytest
 
-    from rlhf.loop import run_local
-    from rlhf.metrics import read_metrics
+    from rlhf_launch.runtime.metrics import read_metrics
+    from rlhf_launch.runtime.training_run import run_local
 
     full = {**single, "train_config.max_train_step": steps}
     run_local(make_spec(full), tmp_path / "straight", quiet=True)
@@ -385,12 +385,12 @@ def run_processes(tmp_path: Path, overrides: Mapping[str, Any], name: str) -> li
     import subprocess
     import sys
 
-    from rlhf.core import yaml_io
-    from rlhf.metrics import read_metrics
+    from rlhf_launch.core import yaml_io
+    from rlhf_launch.runtime.metrics import read_metrics
 
     spec_file = tmp_path / f"{name}.yaml"
     spec_file.write_text(yaml_io.dump(spec_dict(overrides, run_dir=tmp_path / name)))
-    proc = subprocess.run([sys.executable, "-m", "launcher.cli", str(spec_file), "--local", "--processes"],
+    proc = subprocess.run([sys.executable, "-m", "rlhf_launch", str(spec_file), "--local", "--processes"],
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return read_metrics(tmp_path / name)
@@ -401,8 +401,8 @@ def assert_runs_agree(tmp_path: Path, changed: Mapping[str, Any], keys: tuple[st
     same metrics on ``keys`` to ``tol``: for settings that must change how a run computes, not what."""
     import pytest
 
-    from rlhf.loop import run_local
-    from rlhf.metrics import read_metrics
+    from rlhf_launch.runtime.metrics import read_metrics
+    from rlhf_launch.runtime.training_run import run_local
 
     base = {"train_config.max_train_step": steps}
     run_local(make_spec(base), tmp_path / "reference", quiet=True)
@@ -415,17 +415,17 @@ def assert_runs_agree(tmp_path: Path, changed: Mapping[str, Any], keys: tuple[st
 
 
 def join_as_rank(rank: int, world: int, store, plan):
-    """In a ``run_on_ranks`` rank: this rank's ``rlhf.cluster.Distributed`` for ``plan``, with torch's default group
-    being the rank's role (or engine) on the job's store, as ``rlhf.dist.rendezvous`` makes it."""
+    """In a ``run_on_ranks`` rank: this rank's ``rlhf_launch.runtime.cluster.Distributed`` for ``plan``, with torch's default group
+    being the rank's role (or engine) on the job's store, as ``rlhf_launch.runtime.dist.rendezvous`` makes it."""
     import torch
     import torch.distributed as dist
 
-    from rlhf.cluster import Distributed
-    from rlhf.dist import Topology
+    from rlhf_launch.runtime.cluster import Distributed
+    from rlhf_launch.runtime.dist import Topology
 
     role, role_rank = plan.role_of_rank(rank)
     topo = Topology(rank, world, role, role_rank, 0, plan)
     ranks = topo.default_group_ranks()
-    dist.init_process_group("gloo", store=dist.PrefixStore(f"rlhf/role/{role}/{ranks[0]}", store), rank=ranks.index(rank),
+    dist.init_process_group("gloo", store=dist.PrefixStore(f"rlhf_launch/runtime/role/{role}/{ranks[0]}", store), rank=ranks.index(rank),
                             world_size=len(ranks), timeout=datetime.timedelta(seconds=30))
     return Distributed(topo, torch.device("cpu"), store)

@@ -9,7 +9,7 @@ import json
 import re
 from pathlib import Path
 
-from rlhf.rewards import vowel_score
+from rlhf_launch.runtime.rewards import vowel_score
 
 CALLS: list[dict] = []  # what each call received, for tests that run the loop in this process
 

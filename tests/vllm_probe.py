@@ -1,5 +1,5 @@
 """Runs a real vLLM engine (tiny model, CPU) next to Hugging Face generate and saves what
-tests/test_vllm_generator.py checks: ``python tests/vllm_probe.py OUT.pt [untied|tied]``
+tests/runtime/test_vllm_generator.py checks: ``python tests/vllm_probe.py OUT.pt [untied|tied]``
 (tied: the output head shares the input embedding's weight).
 
 A process of its own because an engine changes its process for good (a torch.distributed
@@ -21,13 +21,13 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from launcher.spec import load_spec  # noqa: E402
-from rlhf.data import PromptMix, load_tokenizer, render_prompts  # noqa: E402
-from rlhf.dist import PeerGroup  # noqa: E402
-from rlhf.models import load_causal_lm  # noqa: E402
-from rlhf.roles.vllm_generator import VLLMGeneratorRole  # noqa: E402
-from rlhf.rollout import SamplingSettings, hf_generate  # noqa: E402
-from rlhf.weight_sync import send_weights  # noqa: E402
+from rlhf_launch.frontend.spec import load_spec  # noqa: E402
+from rlhf_launch.runtime.data import PromptMix, load_tokenizer, render_prompts  # noqa: E402
+from rlhf_launch.runtime.dist import PeerGroup  # noqa: E402
+from rlhf_launch.runtime.models import load_causal_lm  # noqa: E402
+from rlhf_launch.runtime.roles.vllm_generator import VLLMGeneratorRole  # noqa: E402
+from rlhf_launch.runtime.rollout import SamplingSettings, hf_generate  # noqa: E402
+from rlhf_launch.runtime.weight_sync import send_weights  # noqa: E402
 
 SEPARATE = "model_configs.actor.generator_config={shared_with_trainer: false, generator_type: vllm}"
 

@@ -7,7 +7,7 @@ writes, next to this script:
   made from instruction templates x topics; used by the tiny models and the tests.
 - arithmetic_train.jsonl / arithmetic_test.jsonl: multi-step arithmetic word problems with their answers,
   {"prompt": ..., "answer": "12", "level": 1..3}, 600 to train on and a held-out 150 (no prompt in both),
-  for verifiable rewards (``rlhf.rewards:math_answer``).
+  for verifiable rewards (``rlhf_launch.runtime.rewards:math_answer``).
 - hh_style_sample.jsonl: ~20 preference pairs in the Anthropic hh-rlhf text format
   ({"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": ...}), some multi-turn, so the
   hh-rlhf parser can be tested offline. All text here is written for this project.

