@@ -14,6 +14,7 @@ import itertools
 import torch
 from torch import Tensor
 
+from rlhf_launch.core import metric_catalogue as mc
 from rlhf_launch.core.config import JobSpec
 from rlhf_launch.runtime import ppo
 from rlhf_launch.runtime.padding import pad_and_concat
@@ -91,9 +92,9 @@ class DynamicSampling:
         scores = torch.stack([rounds[r][1][row] for r, row in rows])
         generated = sum(len(f) for f in flags)
         return batch, scores, {
-            "filtered_frac": 1.0 - sum(map(sum, flags)) / generated,
-            "reward_generated_mean": float(torch.cat([round_scores for _, round_scores in rounds]).mean()),
-            "sampling_rounds": float(len(rounds)),
-            "dynamic_topped_up": float(topped_up),
+            mc.FILTERED_FRAC: 1.0 - sum(map(sum, flags)) / generated,
+            mc.REWARD_GENERATED_MEAN: float(torch.cat([round_scores for _, round_scores in rounds]).mean()),
+            mc.SAMPLING_ROUNDS: float(len(rounds)),
+            mc.DYNAMIC_TOPPED_UP: float(topped_up),
             "gen_tokens": sum(generated_tokens(rollout) for rollout, _ in rounds),
         }

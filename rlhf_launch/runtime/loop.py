@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from rlhf_launch.core import metric_catalogue as mc
 from rlhf_launch.core.config import JobSpec
 from rlhf_launch.core.model_tokenizers import policy_tokenizer_config, tokenizer_key
 from rlhf_launch.core.plan import unplanned_roles
@@ -222,8 +223,8 @@ class PPOLoop:
         metrics.update(role_utilization(self.cluster, self.busy_roles, sections))
         # Asynchronous: the trainers' generate section is only the wait for a rollout sampled during the step before, so
         # the rate is over the generator's own busy seconds (this step's, spent on the next step's rollout).
-        seconds = metrics.get("busy_generator_s", 0.0) if self.ahead is not None else sections["generate"]
-        metrics["gen_tokens_per_s"] = sampling_metrics.pop("gen_tokens") / max(seconds, 1e-9)
+        seconds = metrics.get(mc.BUSY_S.key("generator"), 0.0) if self.ahead is not None else sections["generate"]
+        metrics[mc.GEN_TOKENS_PER_S] = sampling_metrics.pop("gen_tokens") / max(seconds, 1e-9)
         metrics.update(sampling_metrics)
         return metrics
 

@@ -3,20 +3,20 @@ utilization and scoring time, the maximum over the role's ranks."""
 
 from __future__ import annotations
 
+from rlhf_launch.core import metric_catalogue as mc
 from rlhf_launch.runtime.protocols import Cluster
 from rlhf_launch.runtime.scoring_exchange import SCORING
 from rlhf_launch.runtime.timing import busy, scoring
 
 # Roles whose busy seconds are reported (busy_<role>_s, util_<role>, score_<role>_time_s), in the order of
 # the vector the ranks reduce: every rank builds it the same way from the spec.
-BUSY_ROLES = ("generator", "actor", "reference", "critic", "reward")
-# Timer sections reported as <name>_time_s; forward/backward/optimizer are timed inside the trainers.
-TIMED_SECTIONS = ("step", "generate", "score", "train", "weight_sync", "forward", "backward", "optimizer")
+BUSY_ROLES = mc.TIMED_ROLES
 
 
 def section_times(sections: dict[str, float]) -> dict[str, float]:
-    """<name>_time_s of every section in ``TIMED_SECTIONS`` (0 for one the step did not enter)."""
-    return {f"{name}_time_s": sections.get(name, 0.0) for name in TIMED_SECTIONS}
+    """<name>_time_s of every Timer section the catalogue names (``mc.SECTION_TIMES``; 0 for one the step did not
+    enter). forward/backward/optimizer are timed inside the trainers."""
+    return {key: sections.get(name, 0.0) for name, key in mc.SECTION_TIMES.items()}
 
 
 def role_utilization(cluster: Cluster, roles: list[str], sections: dict[str, float]) -> dict[str, float]:
@@ -34,8 +34,8 @@ def role_utilization(cluster: Cluster, roles: list[str], sections: dict[str, flo
     scorers = {role for role, _ in SCORING}
     out = {}
     for i, role in enumerate(roles):
-        out[f"busy_{role}_s"] = top[i]
-        out[f"util_{role}"] = top[2 * n + i]
+        out[mc.BUSY_S.key(role)] = top[i]
+        out[mc.UTIL.key(role)] = top[2 * n + i]
         if role in scorers:  # a generator has no scoring pass
-            out[f"score_{role}_time_s"] = top[n + i]
+            out[mc.SCORE_ROLE_TIME_S.key(role)] = top[n + i]
     return out

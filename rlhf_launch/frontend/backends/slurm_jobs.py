@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlhf_launch.core import metric_catalogue as mc
 from rlhf_launch.runtime.metrics import describe_utilization, read_metrics
 from rlhf_launch.runtime.rollout_log import describe_sample, last_samples, rollouts_path
 
@@ -203,7 +204,7 @@ def _run_dir_report(run_dir: Path, job_id: str | None) -> list[str]:
         metrics = read_metrics(run_dir)
         if metrics:
             last = metrics[-1]
-            keys = ("step", "reward_mean", "kl", "policy_loss", "value_loss", "step_time_s")
+            keys = ("step", mc.REWARD_MEAN, mc.KL, mc.POLICY_LOSS, mc.VALUE_LOSS, mc.STEP_TIME_S)
             lines.append(
                 "  last metrics: "
                 + "  ".join(f"{k} {last[k]:.4g}" if isinstance(last.get(k), float) else f"{k} {last.get(k)}" for k in keys if k in last)
