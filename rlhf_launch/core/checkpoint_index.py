@@ -3,6 +3,8 @@
 Shared by the runtime, which copies a value head out of the checkpoint (rlhf_launch/runtime/value_head.py), and
 by the launcher's pre-flight check, which must find the same head without loading any weights
 or importing torch: a safetensors file starts with a JSON header of every tensor's name and shape.
+A model named by hub id is read from its snapshot in the hub cache (rlhf_launch/core/hub_cache.py), as
+transformers reads its weights.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import json
 import re
 import struct
 from pathlib import Path
+
+from rlhf_launch.core.hub_cache import local_folder
 
 # Names of a one-output value head in reward and value checkpoints: Hugging Face's own, XTuner and
 # InternLM2 reward models, OpenRLHF, and TRL's value-head wrapper.
@@ -23,8 +27,11 @@ _LAYER = re.compile(r"(^|\.)(layers|h|blocks|layer)\.\d+\.")
 
 
 def checkpoint_files(path: str | Path) -> list[Path]:
-    """The weight files of a local Hugging Face folder (sharded or not); [] for a hub id."""
-    folder = Path(path)
+    """The weight files (sharded or not) of a Hugging Face folder or of a hub id's snapshot in the hub cache
+    (``local_folder``); [] when there is neither, or no weights in it."""
+    folder = local_folder(path)
+    if folder is None:
+        return []
     for index in INDEX_FILES:
         if (folder / index).is_file():
             shards = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
@@ -56,11 +63,11 @@ def safetensors_shapes(file: Path) -> dict[str, list[int]]:
 
 
 def tensor_shapes(folder: str | Path) -> dict[str, list[int] | None] | None:
-    """Name -> shape (None where only the name is known) of a local checkpoint's tensors, or None when
+    """Name -> shape (None where only the name is known) of a checkpoint's tensors (a folder or a cached hub id), or None when
     they cannot be listed without loading the weights (a single pytorch_model.bin) or there are none."""
-    folder = Path(folder)
-    files = checkpoint_files(folder)
-    if not files:
+    root = local_folder(folder)
+    files = checkpoint_files(root) if root is not None else []
+    if root is None or not files:
         return None
     if all(f.suffix == ".safetensors" for f in files):
         shapes: dict[str, list[int] | None] = {}
@@ -68,8 +75,8 @@ def tensor_shapes(folder: str | Path) -> dict[str, list[int] | None] | None:
             shapes.update(safetensors_shapes(file))
         return shapes
     for index in INDEX_FILES:
-        if (folder / index).is_file():
-            return dict.fromkeys(json.loads((folder / index).read_text())["weight_map"])
+        if (root / index).is_file():
+            return dict.fromkeys(json.loads((root / index).read_text())["weight_map"])
     return None
 
 

@@ -213,6 +213,11 @@ class TrainConfig:
     save_interval: int = option(
         80, "Checkpoint every this many PPO steps; 0 saves only at the end.", minimum=0
     )
+    save_interval_minutes: float | None = option(
+        None, "Also checkpoint at the end of the first step that ends this many minutes after the last checkpoint (or the "
+        "start): bounds the work a failure or preemption loses when steps are long. Global rank 0's clock decides for "
+        "every rank. Default: off.", exclusiveMinimum=0,
+    )
     max_train_step: int = option(1000, "PPO steps to run (warm-up steps included).", minimum=1)
 
 
@@ -246,9 +251,14 @@ class TokenizerConfig:
     )
     chat_template: str | None = option(None, "Jinja chat template replacing the tokenizer's.")
     from_pretrained_kwargs: dict[str, Any] = option(
-        doc="Other keywords passed to AutoTokenizer.from_pretrained as they are (e.g. use_fast: false, trust_remote_code: "
-        "true); padding_side, local_files_only and chat_template are set by their own keys and refused here.",
+        doc="Other keywords passed to AutoTokenizer.from_pretrained as they are (e.g. use_fast: false); padding_side, "
+        "local_files_only, chat_template and trust_remote_code are set by their own keys and refused here.",
         factory=dict,
+    )
+    trust_remote_code: bool = option(
+        False,
+        "Run the tokenizer's own Python code (the tokenization_*.py files its tokenizer_config.json names in auto_map, "
+        "e.g. InternLM2's), as transformers' trust_remote_code does. Only for tokenizers whose code you trust.",
     )
 
 
@@ -412,6 +422,14 @@ class ModelConfig:
         "one is refused; a critic without one starts from a new head.",
         pattern=r"^[A-Za-z_][\w.]*$",
     )
+    trust_remote_code: bool = option(
+        False,
+        "Run the model's own Python code (the configuration_*.py and modeling_*.py files its config.json names in "
+        "auto_map), in transformers and in vLLM, as their trust_remote_code does: needed for a model_type transformers "
+        "does not know (InternLM2's), and for a reward model that is its own class (loaded through its AutoModel entry, "
+        "its value head found by head_name). Only for models whose code you trust. rlhf-launch convert sets it, as "
+        "XTuner loads every model this way.",
+    )
     tokenizer_config: TokenizerConfig | None = option(
         None,
         "This model's own tokenizer, when it differs from the job's (e.g. a reward model with another vocabulary or "
@@ -519,7 +537,9 @@ class SlurmConfig:
     gpu_memory_gb: float = option(80, "Memory of one GPU in GiB, for the plan's memory check.", exclusiveMinimum=0)
     cpus_per_gpu: int = option(8, "CPU cores per rank (one rank per GPU).", minimum=1)
     mem: str | None = option(
-        None, "Memory per node, as sbatch --mem (e.g. 500G). Default: 0, all of each node's memory.", pattern=r"^\d+[KMGT]?$"
+        None, "Memory per node, as sbatch --mem (e.g. 500G); 0 asks for all of each node's. Default: per component, the "
+        "plan's host memory of its fullest node with a quarter of headroom (--dry-run); 0 for run.device cpu.",
+        pattern=r"^\d+[KMGT]?$",
     )
     constraint: str | None = option(
         None, "Node features, as sbatch --constraint (e.g. a100&ib).", pattern=r"^[A-Za-z0-9_.&|,:*\[\]()-]+$"
@@ -536,8 +556,15 @@ class SlurmConfig:
         factory=list,
         items={"type": "string", "pattern": r"^[^\n\r]*$"},
     )
-    signal_seconds: int = option(
-        120, "Seconds before the time limit at which the job is signalled to checkpoint and requeue.", minimum=10
+    signal_seconds: int | None = option(
+        None, "Seconds before the time limit at which the job is signalled to checkpoint and requeue; the notice is "
+        "honoured at the end of a step, so it must cover one step and a checkpoint write. Default: the plan's figure "
+        "(--dry-run), one step's estimated time + the checkpoint at checkpoint_write_gb_per_s + 60 s; a shorter value "
+        "is warned about.", minimum=10,
+    )
+    checkpoint_write_gb_per_s: float = option(
+        1.0, "GB per second at which the run folder's file system takes a checkpoint, all ranks together; sizes the "
+        "default signal_seconds. 1 suits a busy shared file system; a parallel one may take 5-20.", exclusiveMinimum=0,
     )
 
 
@@ -558,6 +585,30 @@ class RunConfig:
     rendezvous_timeout_s: float = option(
         600, "Seconds every rank waits for the others to arrive before the job fails, naming the missing ones.",
         exclusiveMinimum=0,
+    )
+    warmup_timeout_s: float = option(
+        300, "Seconds after the rendezvous by which every rank must have formed its process groups (each group's first "
+        "collective, before any model loads; NCCL creates its communicators there); past it the job fails, naming the roles "
+        "and ranks that have not. A stuck NCCL start-up would otherwise hang until the time limit.",
+        exclusiveMinimum=0,
+    )
+    role_timeout_s: float = option(
+        600, "Seconds one collective inside a role (DDP, ZeRO, a vLLM engine's tensor-parallel ranks) waits for the role's "
+        "other ranks before it fails the job (NCCL aborts the rank). A role's ranks run in step: raise it only when one "
+        "rank's part of a checkpoint write can take longer.",
+        exclusiveMinimum=0,
+    )
+    exchange_timeout_s: float = option(
+        1800, "Seconds one exchange between roles (gathering scores, weight sync, barriers) waits for its other ranks "
+        "before it fails the job. Ranks wait here while another role generates or the slowest writes its part of a "
+        "checkpoint: keep it above the longest of those.",
+        exclusiveMinimum=0,
+    )
+    heartbeat_timeout_s: float = option(
+        120, "Seconds without a heartbeat after which a rank is taken for dead and the job fails, naming it. The heartbeat "
+        "is a Python thread: a call that holds the interpreter lock that long (loading a multi-GB optimizer shard from a "
+        "slow file system) stops it too, so keep this above the longest such call.",
+        minimum=5,
     )
 
 

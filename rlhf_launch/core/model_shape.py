@@ -5,6 +5,7 @@ have no torch and may have no network, so this reads at most one small JSON file
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -25,11 +26,18 @@ class ModelShape:
     vocab: int
     source: str  # where the numbers came from, shown in the plan
     heads: int | None = None  # attention heads; None: hidden / 128, the usual head size
+    intermediate: int | None = None  # MLP width; None: 8/3 x hidden when gated (Llama's ratio), else 4 x hidden
+    gated_mlp: bool = True  # Llama-type SwiGLU MLP (gate, up, down) with RMSNorm, as most decoders today; False: GPT's
 
     @property
     def attention_heads(self) -> int:
         """Attention heads: as configured, else one per 128 hidden units."""
         return self.heads or max(1, self.hidden // 128)
+
+    @property
+    def mlp_width(self) -> int:
+        """The MLP's intermediate width: as configured, else the one the parameter count assumes."""
+        return self.intermediate or (round(8 * self.hidden / 3) if self.gated_mlp else 4 * self.hidden)
 
     @staticmethod
     def from_params(params: float, source: str, vocab: int = 32000) -> ModelShape:
@@ -41,6 +49,19 @@ class ModelShape:
         layers = max(1, round((params / (12 * 128**2)) ** (1 / 3)))
         hidden = 128 * layers
         return ModelShape(params, layers, hidden, hidden, vocab, source)
+
+
+# Vocabulary sizes of model families, for a model known only by its name: the logits of one token take 4 x vocab
+# bytes in float32 several times over, and 32000 (LLaMA-2's) would under-count InternLM2's by 3x. Matched in order.
+_FAMILY_VOCAB = (("internlm2", 92544), ("llama-3", 128256), ("llama3", 128256), ("qwen", 151936), ("smollm", 49152))
+# Model types whose MLP is not gated (two matrices, GPT's 4 x hidden, LayerNorm): the activation count of GPT.
+_PLAIN_MLP_TYPES = ("gpt2", "gpt_neox", "gptj", "gpt_bigcode", "opt", "bloom", "falcon", "mpt", "phi", "starcoder2", "codegen")
+
+
+def vocab_from_name(name: str) -> int:
+    """The vocabulary size of the model family ``name`` belongs to, else LLaMA-2's 32000."""
+    lowered = name.lower()
+    return next((vocab for family, vocab in _FAMILY_VOCAB if family in lowered), 32000)
 
 
 def params_from_name(name: str) -> float | None:
@@ -61,11 +82,12 @@ def shape_from_config(cfg: dict, source: str) -> ModelShape:
     head_dim = cfg.get("head_dim") or hidden // heads
     inter = cfg.get("intermediate_size", 4 * hidden)
     vocab = cfg.get("vocab_size", 32000)
+    gated = cfg.get("model_type") not in _PLAIN_MLP_TYPES
     attention = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2
-    mlp = 3 * hidden * inter
+    mlp = (3 if gated else 2) * hidden * inter
     embeddings = vocab * hidden * (1 if cfg.get("tie_word_embeddings", False) else 2)
     params = embeddings + layers * (attention + mlp + 2 * hidden) + hidden
-    return ModelShape(float(params), layers, hidden, kv_heads * head_dim, vocab, source, heads)
+    return ModelShape(float(params), layers, hidden, kv_heads * head_dim, vocab, source, heads, inter, gated)
 
 
 def local_config(model_path: str | None) -> dict | None:
@@ -91,12 +113,12 @@ def model_shape(model_path: str | None, num_params_b: float | None) -> ModelShap
                 shape = None
             if shape is not None:
                 if num_params_b:
-                    return ModelShape(num_params_b * 1e9, shape.layers, shape.hidden, shape.kv_dim, shape.vocab, "num_params_b",
-                                      shape.heads)
+                    return dataclasses.replace(shape, params=num_params_b * 1e9, source="num_params_b")
                 return shape
+    vocab = vocab_from_name(model_path or "")
     if num_params_b:
-        return ModelShape.from_params(num_params_b * 1e9, "num_params_b")
+        return ModelShape.from_params(num_params_b * 1e9, "num_params_b", vocab)
     params = params_from_name(model_path or "")
     if params and math.isfinite(params):
-        return ModelShape.from_params(params, "name")
+        return ModelShape.from_params(params, "name", vocab)
     return None

@@ -21,6 +21,7 @@ RESERVED_KWARGS = {
     "local_files_only": "runs never download: tokenizers are always read from local files",
     "pretrained_model_name_or_path": "give the tokenizer in tokenizer_config.tokenizer_path",
     "chat_template": "use tokenizer_config.chat_template",
+    "trust_remote_code": "use tokenizer_config.trust_remote_code",
 }
 
 

@@ -13,8 +13,9 @@ from typing import Any
 
 from rlhf_launch.core import memory
 from rlhf_launch.core.algorithms import estimator
+from rlhf_launch.core.budget import SIGNAL_MARGIN_S, RunBudget, host_bytes_per_rank, node_mem_request, run_budget
 from rlhf_launch.core.config import JobSpec, ModelConfig
-from rlhf_launch.core.model_shape import model_shape
+from rlhf_launch.core.model_shape import ModelShape, model_shape
 from rlhf_launch.core.problems import Problem, error, warning
 
 COMPONENTS = (("trainer", ("actor", "critic")), ("inference", ("reference", "reward")), ("generator", ("generator",)))
@@ -64,6 +65,8 @@ class RolePlan:
     shared_with: str | None = None  # a role that runs on another role's ranks
     memory: memory.MemoryEstimate | None = None
     size_source: str | None = None
+    checkpoint_gib: float | None = None  # a trained role's part of each checkpoint (rlhf_launch/core/budget.py)
+    phases: dict[str, memory.MemoryEstimate] = field(default_factory=dict)  # a trained role's estimate in each phase
 
     @property
     def ranks(self) -> range:
@@ -83,7 +86,9 @@ class RolePlan:
             "nodes": self.nodes,
             "shared_with": self.shared_with,
             "memory_gib": self.memory.to_json() if self.memory else None,
+            "memory_phases_gib": {phase: round(m.total_gib, 2) for phase, m in self.phases.items()},
             "model_size_from": self.size_source,
+            "checkpoint_gib": round(self.checkpoint_gib, 1) if self.checkpoint_gib is not None else None,
         }
 
 
@@ -92,7 +97,9 @@ class ComponentPlan:
     """One Slurm hetjob component: roles packed onto nodes, from global rank ``first_rank`` and node
     ``first_node`` on. ``ranks_per_node`` lists the ranks of each node in order: all equal when the
     GPUs split so, else full nodes of ``gpus_per_node`` and the rest on the last (e.g. 8 + 8 + 4).
-    ``envs``: the environment variables of every role on the component's ranks."""
+    ``envs``: the environment variables of every role on the component's ranks. ``mem``: sbatch --mem for each of
+    its nodes, from the host memory its fullest node needs (rlhf_launch/core/budget.py); None when a model's size is
+    unknown."""
 
     index: int
     name: str
@@ -104,6 +111,7 @@ class ComponentPlan:
     first_node: int
     ranks_per_node: list[int] = field(default_factory=list)
     envs: dict[str, str] = field(default_factory=dict)
+    mem: str | None = None
 
     @property
     def even(self) -> bool:
@@ -130,18 +138,22 @@ class ComponentPlan:
             "ranks_per_node": self.ranks_per_node,
             "first_rank": self.first_rank,
             "envs": self.envs,
+            "mem": self.mem,
         }
 
 
 @dataclass
 class Plan:
     """Every role's layout, the Slurm components they form, and the problems found laying them out;
-    ``unplanned``: the model roles left out because the algorithm does not use them, with the reason."""
+    ``unplanned``: the model roles left out because the algorithm does not use them, with the reason;
+    ``budget``: checkpoint, disk and step-time figures (None when a trained model's size is unknown)."""
 
     roles: list[RolePlan]
     components: list[ComponentPlan]
     problems: list[Problem]
     unplanned: dict[str, str] = field(default_factory=dict)
+    budget: RunBudget | None = None
+    signal_seconds: int = 2 * SIGNAL_MARGIN_S  # the preemption notice the job asks for: slurm.signal_seconds, else the budget's
 
     @property
     def total_gpus(self) -> int:
@@ -186,6 +198,8 @@ class Plan:
             "roles": [r.to_json() for r in self.roles],
             "components": [c.to_json() for c in self.components],
             "unplanned": self.unplanned,
+            **(self.budget.to_json() if self.budget else {}),
+            "signal_seconds": self.signal_seconds,
             "warnings": [p.message if not p.path else f"{p.path}: {p.message}" for p in self.problems if p.severity == "warning"],
         }
 
@@ -327,35 +341,125 @@ def build_plan(spec: JobSpec) -> Plan:
     for comp in components:
         members = [r for r in roles.values() if r.component == comp.index]
         comp.envs = _component_envs(spec, members, comp.name, problems)
-    _estimate_memory(spec, roles, problems)
-    return Plan(list(roles.values()), components, problems, unplanned_roles(spec))
+    shapes = _shapes(spec, roles)
+    _estimate_memory(spec, roles, shapes, problems)
+    figures = run_budget(spec, {r.name: r.gpus for r in roles.values() if r.gpus}, shapes)
+    for name, role in roles.items():
+        if figures is not None and name in figures.checkpoint_gib:
+            role.checkpoint_gib = figures.checkpoint_gib[name]
+    signal = _signal_seconds(spec, figures, problems)
+    if spec.run.device != "cpu":  # on CPU the models live in host memory, which the plan does not estimate: --mem stays 0
+        _host_memory(spec, roles, shapes, components)
+    return Plan(list(roles.values()), components, problems, unplanned_roles(spec), figures, signal)
 
 
-def _estimate_memory(spec: JobSpec, roles: dict[str, RolePlan], problems: list[Problem]) -> None:
+def _shapes(spec: JobSpec, roles: dict[str, RolePlan]) -> dict[str, ModelShape]:
+    """The model shape of every role with a model of its own (the generator: the actor's), where it is known."""
     models = spec.model_configs.roles()
-    limit = spec.slurm.gpu_memory_gb
+    shapes = {}
     for name, role in roles.items():
         model = models["actor" if name == "generator" else name]
         if role.gpus == 0 and name == "reward":
             continue
         shape = model_shape(model.model_path, model.num_params_b)
-        if shape is None:
-            continue
+        if shape is not None:
+            shapes[name] = shape
+    return shapes
+
+
+def _communicators(spec: JobSpec, name: str) -> int:
+    """NCCL communicators a rank of role ``name`` warms up: its role's group and the global peer group; the actor
+    and a separate generator also the weight-sync group; a generator also its engine's tensor-parallel group."""
+    gen = spec.model_configs.actor.generator_config
+    if name == "generator":
+        return 3 + (gen.generator_type == "vllm" and gen.parallel.tensor.size > 1)
+    return 2 + (name == "actor" and not gen.shared_with_trainer)
+
+
+def _estimate_memory(spec: JobSpec, roles: dict[str, RolePlan], shapes: dict[str, ModelShape], problems: list[Problem]) -> None:
+    models = spec.model_configs.roles()
+    limit = spec.slurm.gpu_memory_gb
+    for name, shape in shapes.items():
+        role, model, comms = roles[name], models["actor" if name == "generator" else name], _communicators(spec, name)
         role.size_source = shape.source
         if name in ("actor", "critic"):
-            role.memory = memory.training(model, shape, spec, spec.train_micro_batch(name), logits=name == "actor")
+            phases = memory.training_phases(model, shape, spec, spec.train_micro_batch(name), name == "actor", comms)
+            role.memory = max(phases, key=lambda m: m.total_gib)
+            role.phases = {m.phase: m for m in phases}
         elif name == "reference":
-            role.memory = memory.inference(model, shape, spec, spec.inference_micro_batch("reference"), logits=True)
+            role.memory = memory.inference(model, shape, spec, spec.inference_micro_batch("reference"), True, comms)
         elif name == "reward":
-            role.memory = memory.inference(model, shape, spec, spec.inference_micro_batch("reward"), logits=False)
+            role.memory = memory.inference(model, shape, spec, spec.inference_micro_batch("reward"), False, comms)
         elif not role.shared_with:
-            role.memory = memory.generator(model, shape, spec)
-        vllm = name == "generator" and model.generator_config.generator_type == "vllm"
-        budget = limit * (model.generator_config.gpu_memory_utilization if vllm else 1)
-        if role.memory and role.memory.total_gib > budget:
+            role.memory = memory.generator(model, shape, spec, comms)
+        if name == "generator" and model.generator_config.generator_type == "vllm" and role.memory:
+            _check_vllm(role.memory, shape, model, spec, limit, problems)
+        elif role.memory and role.memory.total_gib > limit:
             key = f"model_configs.{'actor' if name == 'generator' else name}"
             problems.append(warning(
                 key,
-                f"{name}: estimated peak {role.memory.total_gib:.1f} GiB per GPU exceeds the {budget:.0f} GiB available "
-                "(slurm.gpu_memory_gb); consider ZeRO-3, more data-parallel ranks or smaller micro batches",
+                f"{name}: estimated peak {role.memory.total_gib:.1f} GiB per GPU exceeds the {limit:.0f} GiB available "
+                "(slurm.gpu_memory_gb); consider ZeRO-3, more data-parallel ranks, smaller micro batches or gradient checkpointing",
             ))
+
+
+def _check_vllm(estimate: memory.MemoryEstimate, shape: ModelShape, actor: ModelConfig, spec: JobSpec, limit: float,
+                problems: list[Problem]) -> None:
+    """vLLM takes gpu_memory_utilization x the GPU whole, whatever the KV cache needs (a rollout share whose KV cache
+    does not fit is generated in waves): the rest must hold what lives outside it, and the pool the weights and
+    one sequence's KV cache."""
+    util = actor.generator_config.gpu_memory_utilization
+    key = "model_configs.actor.generator_config.gpu_memory_utilization"
+    headroom = memory.vllm_headroom_gib(estimate)
+    if (1 - util) * limit < headroom:
+        problems.append(warning(
+            key,
+            f"found {util:g}: vLLM takes {util:g} x {limit:g} GiB whole, and the {(1 - util) * limit:.1f} GiB left must hold the "
+            f"CUDA context, the warmed-up communicators, two weight-sync chunks and one layer being reloaded (about "
+            f"{headroom:.1f} GiB); use at most {max(0.0, 1 - headroom / limit):.2f}",
+        ))
+    one_sequence = estimate.kv_cache_gib / max(1, spec.dataset_config.num_samples_each_epoch // actor.generator_config.parallel.data.size)
+    if estimate.weights_gib + one_sequence > util * limit:
+        problems.append(warning(
+            key,
+            f"found {util:g}: the {util * limit:.1f} GiB vLLM takes cannot hold the weights ({estimate.weights_gib:.1f} GiB per "
+            "GPU) and one sequence's KV cache; raise it, or the generator's tensor size",
+        ))
+
+
+def _signal_seconds(spec: JobSpec, figures: RunBudget | None, problems: list[Problem]) -> int:
+    """The preemption notice the job asks for: slurm.signal_seconds, else the budget's figure (twice the margin when a
+    trained model's size is unknown); a given value shorter than the budget's is warned about."""
+    given = spec.slurm.signal_seconds
+    if figures is None:
+        return given or 2 * SIGNAL_MARGIN_S
+    needed = figures.signal_seconds
+    if given is not None and given < needed:
+        problems.append(warning(
+            "slurm.signal_seconds",
+            f"found {given}: a preemption notice must cover one step (about {figures.step_seconds:.0f} s) and a checkpoint "
+            f"write ({figures.total_checkpoint_gib:.0f} GiB at {figures.write_gb_per_s:g} GB/s, about "
+            f"{figures.write_seconds:.0f} s); use at least {needed}, or leave it unset",
+        ))
+    return given or needed
+
+
+def _host_memory(spec: JobSpec, roles: dict[str, RolePlan], shapes: dict[str, ModelShape], components: list[ComponentPlan]) -> None:
+    """Each component's sbatch --mem: slurm.mem when set, else its fullest node's host memory (rlhf_launch/core/budget.py)."""
+    models = spec.model_configs.roles()
+    for comp in components:
+        if spec.slurm.mem is not None:
+            comp.mem = spec.slurm.mem
+            continue
+        per_node = [0.0] * comp.nodes
+        for role in roles.values():
+            if role.component != comp.index or not role.gpus:
+                continue
+            if role.name not in shapes:
+                break
+            model = models["actor" if role.name == "generator" else role.name]
+            per_rank = host_bytes_per_rank(role.name, model, shapes[role.name])
+            for offset in range(role.first_rank - comp.first_rank, role.first_rank - comp.first_rank + role.gpus):
+                per_node[comp.node_of(offset) - comp.first_node] += per_rank
+        else:
+            comp.mem = node_mem_request(per_node)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from rlhf_launch.runtime.dist import PeerGroup, Topology
+from rlhf_launch.runtime.dist import Deadlines, PeerGroup, Topology, post_warm_up
 from rlhf_launch.runtime.exchange import gather_from, shard_bounds
 from rlhf_launch.runtime.rollout import Batch, select
 
@@ -81,22 +81,26 @@ class SingleProcess:
 class Distributed:
     """Roles on ranks. torch's default group is this process's role (rlhf_launch/runtime/dist.py); exchanges
     between roles use PeerGroups: ``global`` over every rank, ``weight-sync`` over actor rank 0
-    and the generator ranks."""
+    and the generator ranks; their collectives time out after ``deadlines.exchange_s`` (run.exchange_timeout_s)."""
 
-    def __init__(self, topo: Topology, device: torch.device, store):
+    def __init__(self, topo: Topology, device: torch.device, store, deadlines: Deadlines | None = None):
         self.topo, self.device = topo, device
         self.rank, self.world_size = topo.rank, topo.world_size
         self.is_leader = topo.rank == 0
-        self.everyone = PeerGroup(store, "global", list(range(topo.world_size)), topo.rank, device)
+        timeout_s = (deadlines or Deadlines.of()).exchange_s
+        post_warm_up(store, topo.rank, "exchange groups")  # gloo connects every pair in a group's constructor
+        self.everyone = PeerGroup(store, "global", list(range(topo.world_size)), topo.rank, device, timeout_s)
         gen = topo.plan.role("generator")
         sync = [topo.ranks_of("actor")[0], *gen.ranks] if not gen.shared_with else []
-        self._sync = PeerGroup(store, "weight-sync", sync, topo.rank, device) if topo.rank in sync else None
+        self._sync = PeerGroup(store, "weight-sync", sync, topo.rank, device, timeout_s) if topo.rank in sync else None
         self._warm_up()
+        post_warm_up(store, topo.rank, "done")  # global rank 0's watchdog fails the job if one rank never gets here
 
     def _warm_up(self) -> None:
         """Run one collective on every group now, before any model is loaded: NCCL creates a
         group's communicator and buffers at its first collective, and by then a vLLM engine may
-        hold 90 % of the GPU. Each result is read back, so every rank has arrived when this returns."""
+        hold 90 % of the GPU. Each result is read back, so every rank has arrived when this returns.
+        A rank stuck here is named by global rank 0's watchdog after run.warmup_timeout_s."""
         token = torch.ones(1, device=self.device)
         dist.all_reduce(token)  # the default group: this rank's role (or engine)
         token.item()
@@ -123,10 +127,7 @@ class Distributed:
     def shard_of(self, role: str) -> tuple[int, int]:
         """(index, count) of this rank's replica among the role's data-parallel replicas; the
         tensor-parallel ranks of one replica share its index."""
-        ranks = self.topo.ranks_of(role)
-        data = self.topo.plan.role(role).data
-        per_replica = len(ranks) // data  # tensor-parallel ranks of one replica share a shard
-        return ranks.index(self.rank) // per_replica, data
+        return self.topo.replica_index(role), self.topo.plan.role(role).data
 
     def replica_leaders(self, role: str) -> list[int]:
         """The first global rank of each of the role's replicas, in replica order: the ranks ``gather`` reads;

@@ -29,6 +29,7 @@ import huggingface_hub.constants
 
 from rlhf_launch.core.config import DatasetConfig, PretrainDatasetConfig, TokenizerConfig
 from rlhf_launch.core.data_sources import LOCAL_SUFFIXES, looks_local, parse_source
+from rlhf_launch.core.hub_cache import loadable_path
 from rlhf_launch.core.problems import InputError
 from rlhf_launch.core.system_prompts import UnknownSystemPrompt, system_prompt, system_prompt_table, with_system_prompt
 
@@ -586,7 +587,8 @@ def load_tokenizer(tokenizer_config: TokenizerConfig, default_path: str, key: st
     """The tokenizer at ``tokenizer_config.tokenizer_path`` (default: ``default_path``, the actor's
     model_path): a local folder or a model id in the local Hugging Face cache, never downloaded.
 
-    ``from_pretrained_kwargs`` go to ``AutoTokenizer.from_pretrained`` as they are. Applies the overrides
+    ``from_pretrained_kwargs`` go to ``AutoTokenizer.from_pretrained`` as they are, with ``trust_remote_code``
+    (a tokenizer class of its own code, named in its tokenizer_config.json's auto_map). Applies the overrides
     ``pad_token_id`` / ``bos_token_id`` / ``eos_token_id`` (through the token string of that id, so that
     the token and its id stay consistent) and ``chat_template``; pads on the left. ``key`` is where the
     settings are in the spec (``model_configs.reward.tokenizer_config``), for messages.
@@ -594,10 +596,17 @@ def load_tokenizer(tokenizer_config: TokenizerConfig, default_path: str, key: st
     from transformers import AutoTokenizer
 
     path = os.path.expanduser(tokenizer_config.tokenizer_path or default_path)
-    kwargs = {**tokenizer_config.from_pretrained_kwargs, "padding_side": "left", "local_files_only": True}
+    kwargs = {**tokenizer_config.from_pretrained_kwargs, "padding_side": "left", "local_files_only": True,
+              "trust_remote_code": tokenizer_config.trust_remote_code}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        # a hub id reads the snapshot the pre-flight checked (core/hub_cache.py), whatever HF variables were at import
+        tokenizer = AutoTokenizer.from_pretrained(loadable_path(path), **kwargs)
     except (OSError, ValueError, TypeError) as err:
+        if "trust_remote_code" in str(err) and not tokenizer_config.trust_remote_code:
+            raise PromptDataError(
+                f"the tokenizer {path!r} runs on its own code (named in its tokenizer_config.json's auto_map), which this "
+                f"spec does not allow to run; set {key}.trust_remote_code: true if you trust that code"
+            ) from None
         raise PromptDataError(
             f"cannot load the tokenizer {path!r} offline ({_one_line(err)}). Give a local folder in "
             f"{key}.tokenizer_path, or download the model into the Hugging Face cache first"

@@ -21,15 +21,54 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from rlhf_launch.core.config import RunConfig
 from rlhf_launch.core.plan import Plan
 from rlhf_launch.core.problems import InputError
 
 FAILED_KEY = "rlhf_launch/runtime/failed"
 HEARTBEAT_S = 1.0
-STALE_AFTER_S = 20.0
 STOP_JOIN_S = 30.0  # a heartbeat's store calls end within their own timeouts; beyond this, leave anyway
 LEAVE_TIMEOUT_S = 120.0  # how long global rank 0, which serves the store, waits at the end for every rank to stop
+LINGER_S = 5.0  # how long global rank 0, which serves the store, stays after a failure for the others to read it
 DONE_POLL_S = 0.05
+# A rank's beat key holds its beat count while it runs, then one of these: it stopped its watchdog after an orderly
+# end (DONE), or it read the job's failure and is exiting (STOPPED).
+DONE, STOPPED = b"done", b"stopped"
+
+
+def beat_key(rank: int) -> str:
+    """The store key of global rank ``rank``'s heartbeat: one key per rank, read by global rank 0 alone."""
+    return f"rlhf_launch/runtime/beat/{rank}"
+
+
+def warm_key(rank: int) -> str:
+    """The store key of global rank ``rank``'s warm-up: the last of ``WARM_UP`` that it has reached."""
+    return f"rlhf_launch/runtime/warm/{rank}"
+
+
+# The stages of a rank's warm-up, each posted as the rank enters it: its role's group (init_role_group, where NCCL
+# creates the communicator given a device_id), then the exchange groups between roles and their first collectives
+# (``Distributed``), then done. Ranks that stay behind the others when the deadline passes are the ones named.
+WARM_UP = {"role group": "its role's group", "exchange groups": "the exchange groups' first collective", "done": ""}
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    """How long a rank waits for the others, from the spec's ``run`` section: at the rendezvous, for the warm-up of
+    every rank's process groups, in a collective inside a role and in an exchange between roles, and for a heartbeat."""
+
+    rendezvous_s: float
+    warmup_s: float
+    role_s: float
+    exchange_s: float
+    heartbeat_s: float
+
+    @staticmethod
+    def of(run: RunConfig | None = None) -> Deadlines:
+        """The deadlines of ``run`` (the spec's defaults when None)."""
+        run = run or RunConfig()
+        return Deadlines(run.rendezvous_timeout_s, run.warmup_timeout_s, run.role_timeout_s, run.exchange_timeout_s,
+                         run.heartbeat_timeout_s)
 
 
 class RendezvousError(RuntimeError):
@@ -77,6 +116,13 @@ class Topology:
         """Whether this process runs ``role``."""
         return self.rank in self.ranks_of(role)
 
+    def replica_index(self, role: str) -> int:
+        """The index of this process's data-parallel replica of ``role`` (a vLLM engine, for a separate generator):
+        the tensor-parallel ranks of one replica share it."""
+        ranks = self.ranks_of(role)
+        per_replica = len(ranks) // self.plan.role(role).data
+        return ranks.index(self.rank) // per_replica
+
     def default_group_ranks(self) -> list[int]:
         """The global ranks of this process's torch default group: its role's data-parallel ranks,
         or for a separate generator its engine's ranks (engines of different replicas are
@@ -86,7 +132,7 @@ class Topology:
         if self.role != "generator":
             return ranks
         per_engine = len(ranks) // role.data
-        first = ranks.index(self.rank) // per_engine * per_engine
+        first = self.replica_index(self.role) * per_engine
         return ranks[first : first + per_engine]
 
     def index_in(self, role: str) -> int:
@@ -104,15 +150,23 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def rendezvous(topo: Topology, device: torch.device, timeout_s: float) -> dist.TCPStore:
-    """Meet every rank at MASTER_ADDR:MASTER_PORT, or fail naming the ranks that never came.
+def device_id_for(device: torch.device) -> torch.device | None:
+    """The ``device_id`` for ``init_process_group``: this rank's GPU on CUDA (with its index, as ``pick_device``
+    chose it from the local rank), None on the CPU. With it, NCCL binds the group to that GPU and creates the
+    communicator at once instead of at the first collective, so that a stuck start-up shows inside the warm-up
+    deadline and no collective runs on a device it guessed."""
+    if device.type != "cuda":
+        return None
+    return torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
 
-    Then torch's default process group becomes this process's ROLE (its data-parallel ranks),
-    or for a generator rank its engine's ranks: libraries such as DeepSpeed and vLLM take the
-    default group to be their whole world and issue group-less barriers and collectives on it.
-    Exchanges between roles run on PeerGroups built on the same store: ``global`` over every
-    rank, and one per exchange.
-    """
+
+def rendezvous(topo: Topology, timeout_s: float) -> dist.TCPStore:
+    """Meet every rank at MASTER_ADDR:MASTER_PORT, or fail naming the ranks that never came; returns the store,
+    which global rank 0 serves.
+
+    Each rank posts its first heartbeat before it arrives, so that every beat key exists once all have
+    (``Watchdog``). The process groups come after the watchdog has started (``init_role_group``, then
+    ``Distributed``'s warm-up), so that a start-up that hangs there fails within run.warmup_timeout_s."""
     host, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500"))
     timeout = datetime.timedelta(seconds=timeout_s)
     try:
@@ -121,6 +175,7 @@ def rendezvous(topo: Topology, device: torch.device, timeout_s: float) -> dist.T
         raise RendezvousError(
             f"{topo.describe(topo.rank)} could not reach the rendezvous at {host}:{port} within {timeout_s:.0f} s: {exc}"
         ) from None
+    store.set(beat_key(topo.rank), "0")
     store.set(f"rlhf_launch/runtime/arrived/{topo.rank}", "1")
     deadline = time.monotonic() + timeout_s
     while True:
@@ -131,26 +186,44 @@ def rendezvous(topo: Topology, device: torch.device, timeout_s: float) -> dist.T
             names = ", ".join(topo.describe(r) for r in missing)
             raise RendezvousError(f"rendezvous timed out after {timeout_s:.0f} s at {host}:{port}; never arrived: {names}")
         time.sleep(0.2)
+    return store
+
+
+def init_role_group(topo: Topology, device: torch.device, store: dist.Store, timeout_s: float) -> None:
+    """Make torch's default process group this process's ROLE (its data-parallel ranks), or for a generator rank
+    its engine's ranks: libraries such as DeepSpeed and vLLM take the default group to be their whole world and
+    issue group-less barriers and collectives on it. Its collectives time out after ``timeout_s``
+    (run.role_timeout_s). Exchanges between roles run on PeerGroups built on the same store: ``global`` over
+    every rank, and one per exchange (rlhf_launch/runtime/cluster.py)."""
+    post_warm_up(store, topo.rank, "role group")
     ranks = topo.default_group_ranks()
     dist.init_process_group(
         backend_for(device), store=dist.PrefixStore(f"rlhf_launch/runtime/role/{topo.role}/{ranks[0]}", store),
-        rank=ranks.index(topo.rank), world_size=len(ranks), timeout=max(timeout, datetime.timedelta(minutes=10)),
+        rank=ranks.index(topo.rank), world_size=len(ranks), timeout=datetime.timedelta(seconds=timeout_s),
+        device_id=device_id_for(device),
     )
-    return store
+
+
+def post_warm_up(store: dist.Store, rank: int, stage: str) -> None:
+    """Tell global rank 0's watchdog that ``rank`` has reached ``stage`` of its warm-up (one of ``WARM_UP``)."""
+    assert stage in WARM_UP, stage
+    store.set(warm_key(rank), stage)
 
 
 class PeerGroup:
     """A process group over some global ranks, built on the rendezvous store directly.
 
     Only its members construct it (unlike torch's ``new_group``, which every rank of the
-    default group must call), and ranks are global ranks in every method.
+    default group must call), and ranks are global ranks in every method. Its collectives time out
+    after ``timeout_s`` (run.exchange_timeout_s, its default when None).
     """
 
-    def __init__(self, store: dist.Store, name: str, ranks: list[int], rank: int, device: torch.device, timeout_s: float = 1800):
+    def __init__(self, store: dist.Store, name: str, ranks: list[int], rank: int, device: torch.device,
+                 timeout_s: float | None = None):
         self.ranks, self.device = list(ranks), device
         prefix = dist.PrefixStore(f"rlhf_launch/runtime/group/{name}", store)
         size, me = len(self.ranks), self.ranks.index(rank)
-        timeout = datetime.timedelta(seconds=timeout_s)
+        timeout = datetime.timedelta(seconds=timeout_s if timeout_s is not None else Deadlines.of().exchange_s)
         if backend_for(device) == "nccl":
             options = dist.ProcessGroupNCCL.Options()
             options._timeout = timeout
@@ -213,23 +286,25 @@ class PeerGroup:
 class Watchdog:
     """Takes this process down when any other fails, instead of waiting in a collective.
 
-    A process that raises writes the reason under FAILED_KEY; one that dies silently stops
-    beating. Every process polls both, and exits non-zero naming the failed role and rank.
+    A process that raises writes the reason under FAILED_KEY; one that dies silently stops beating; one whose
+    process groups never form misses the warm-up deadline. Every rank beats (one key of its own) and reads
+    FAILED_KEY once per HEARTBEAT_S; global rank 0 alone also reads every rank's beat (``Liveness``), in one
+    store call, and writes the failure for all: O(world) store calls per beat, not O(world²). Every process then
+    exits non-zero naming the failed role and rank.
     """
 
-    def __init__(self, store: dist.TCPStore, topo: Topology):
-        self.store, self.topo = store, topo
+    def __init__(self, store: dist.Store, topo: Topology, deadlines: Deadlines | None = None):
+        self.store, self.topo = own_connection(store), topo
+        self.deadlines = deadlines or Deadlines.of()
+        self.liveness = Liveness(self.store, topo, self.deadlines) if topo.rank == 0 else None
         self.stopped = threading.Event()
+        self.failing = threading.Event()  # this process is reporting its own failure: its exit is fail_fast's
         self.thread = threading.Thread(target=self._run, name="rlhf-watchdog", daemon=True)
         self.thread.start()
 
     def report_failure(self, exc: BaseException) -> None:
         """Tell every other process that this one failed and why (nothing when the store is gone)."""
-        reason = f"{self.topo.describe(self.topo.rank)} failed: {type(exc).__name__}: {exc}"
-        try:
-            self.store.set(FAILED_KEY, reason)
-        except Exception:  # noqa: BLE001 - the store may be gone with rank 0; exiting is what matters
-            pass
+        self._fail_job(f"{self.topo.describe(self.topo.rank)} failed: {type(exc).__name__}: {exc}")
 
     def stop(self) -> None:
         """This process is done: it stops beating, and the others must not count that as a failure.
@@ -240,7 +315,7 @@ class Watchdog:
         self.stopped.set()
         self.thread.join(timeout=STOP_JOIN_S)
         try:
-            self.store.set(f"rlhf_launch/runtime/done/{self.topo.rank}", "1")
+            self.store.set(beat_key(self.topo.rank), DONE)
         except Exception:  # noqa: BLE001 - rank 0 may have finished and closed the store first
             pass
 
@@ -250,7 +325,8 @@ class Watchdog:
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                missing = [r for r in range(self.topo.world_size) if not self.store.check([f"rlhf_launch/runtime/done/{r}"])]
+                beats = read_beats(self.store, self.topo.world_size)
+                missing = [r for r, beat in enumerate(beats) if beat != DONE]
                 if not missing or self.store.check([FAILED_KEY]):
                     return missing
             except Exception:  # noqa: BLE001 - no store left to wait on
@@ -260,30 +336,121 @@ class Watchdog:
             time.sleep(DONE_POLL_S)
 
     def _run(self) -> None:
-        last_seen: dict[int, tuple[str, float]] = {}
+        beats = 0
         while not self.stopped.wait(HEARTBEAT_S):
+            if self.failing.is_set():
+                continue
             try:
-                self.store.set(f"rlhf_launch/runtime/beat/{self.topo.rank}", str(time.time()))
+                beats += 1
+                self.store.set(beat_key(self.topo.rank), str(beats))
                 if self.store.check([FAILED_KEY]):
                     self._exit(self.store.get(FAILED_KEY).decode())
-                now = time.monotonic()
-                for rank in range(self.topo.world_size):
-                    if self.store.check([f"rlhf_launch/runtime/done/{rank}"]):
-                        continue
-                    key = f"rlhf_launch/runtime/beat/{rank}"
-                    beat = self.store.get(key).decode() if self.store.check([key]) else ""
-                    previous = last_seen.get(rank)
-                    if previous is None or previous[0] != beat:
-                        last_seen[rank] = (beat, now)
-                    elif now - previous[1] > STALE_AFTER_S and not self.stopped.is_set():
-                        self._exit(f"{self.topo.describe(rank)} stopped responding for {STALE_AFTER_S:.0f} s")
+                reason = self.liveness.poll() if self.liveness is not None else None
+                if reason is not None and not self.stopped.is_set():
+                    self._fail_job(reason)
+                    self._exit(reason)
             except Exception as exc:  # noqa: BLE001 - losing the store means losing global rank 0
                 if not self.stopped.is_set():
                     self._exit(f"{self.topo.describe(0)} is unreachable (rendezvous store lost: {exc})")
 
+    def _fail_job(self, reason: str) -> None:
+        """Write why the job fails for every rank to read; global rank 0, which serves the store, then stays until
+        the others have read it (at most LINGER_S): leaving at once would leave them only a lost store to report."""
+        self.failing.set()
+        try:
+            self.store.set(FAILED_KEY, reason)
+            if self.topo.rank != 0:
+                self.store.set(beat_key(self.topo.rank), STOPPED)
+                return
+            deadline = time.monotonic() + LINGER_S
+            while time.monotonic() < deadline:
+                beats = read_beats(self.store, self.topo.world_size)
+                if all(beat in (DONE, STOPPED) for beat in beats[1:]):
+                    return
+                time.sleep(DONE_POLL_S)
+        except Exception:  # noqa: BLE001 - the store may be gone with rank 0; exiting is what matters
+            pass
+
     def _exit(self, reason: str) -> None:
+        try:
+            self.store.set(beat_key(self.topo.rank), STOPPED)  # rank 0 may be waiting for it before it closes the store
+        except Exception:  # noqa: BLE001 - the store may be gone already
+            pass
         print(f"rlhf: {self.topo.describe(self.topo.rank)} stopping: {reason}", file=sys.stderr, flush=True)
         os._exit(3)
+
+
+def own_connection(store: dist.Store) -> dist.Store:
+    """A client of ``store`` with a connection of its own. A TCPStore client runs one call at a time: a process
+    group that waits in ``get`` for a peer's address (gloo's connect, NCCL's unique id) would hold up a watchdog
+    sharing its client for as long, silencing its heartbeat and rank 0's checks exactly when a start-up hangs."""
+    try:
+        return store.clone()
+    except (AttributeError, NotImplementedError, RuntimeError):  # an older torch, or a store that cannot
+        if isinstance(store, dist.TCPStore):
+            return dist.TCPStore(store.host, store.port, is_master=False, timeout=store.timeout)
+        return store
+
+
+def read_beats(store: dist.Store, world_size: int) -> list[bytes | None]:
+    """Every rank's beat key, in rank order, in one store call (None for a rank that has not beaten yet)."""
+    keys = [beat_key(rank) for rank in range(world_size)]
+    if store.check(keys):
+        return list(store.multi_get(keys))
+    return [store.get(key) if store.check([key]) else None for key in keys]
+
+
+class Liveness:
+    """What global rank 0's watchdog checks once per beat: that every rank's heartbeat moves, and until every
+    rank has warmed up, the warm-up deadline. ``poll`` returns why the job must fail, or None.
+
+    A rank is stale after run.heartbeat_timeout_s of watching without its beat changing. Only time this rank
+    watched counts: after a pause of its own (a call that held its interpreter lock), each rank's clock resumes
+    where it stood rather than jumping, so that a rank 0 that was stalled takes nobody for dead."""
+
+    def __init__(self, store: dist.Store, topo: Topology, deadlines: Deadlines, clock=time.monotonic):
+        self.store, self.topo, self.deadlines, self.clock = store, topo, deadlines, clock
+        self.started = self.last_poll = clock()
+        self.seen: dict[int, tuple[bytes | None, float]] = {}  # rank -> (last beat, seconds watched without change)
+        self.warm = False
+
+    def poll(self) -> str | None:
+        """Why the job must fail now (ranks that stopped beating, or that missed the warm-up deadline), or None."""
+        now = self.clock()
+        watched, self.last_poll = min(now - self.last_poll, 3 * HEARTBEAT_S), now
+        stale = []
+        for rank, beat in enumerate(read_beats(self.store, self.topo.world_size)):
+            if beat in (DONE, STOPPED):
+                continue
+            previous, unchanged = self.seen.get(rank, (beat, 0.0))
+            unchanged = unchanged + watched if beat == previous else 0.0
+            self.seen[rank] = (beat, unchanged)
+            if unchanged > self.deadlines.heartbeat_s:
+                stale.append(rank)
+        if stale:
+            names = ", ".join(self.topo.describe(r) for r in stale)
+            return (f"{names} stopped responding: no heartbeat for {self.deadlines.heartbeat_s:.0f} s (a process that died, or "
+                    "one call that held its Python interpreter lock that long: if it was alive, raise run.heartbeat_timeout_s)")
+        return self._warm_up_overdue(now)
+
+    def _warm_up_overdue(self, now: float) -> str | None:
+        if self.warm:
+            return None
+        keys = [warm_key(rank) for rank in range(self.topo.world_size)]
+        if self.store.check(keys) and all(stage == b"done" for stage in self.store.multi_get(keys)):
+            self.warm = True
+            return None
+        if now - self.started <= self.deadlines.warmup_s:
+            return None
+        stages = list(WARM_UP)
+        reached = [stages.index(self.store.get(key).decode()) if self.store.check([key]) else -1 for key in keys]
+        behind = [rank for rank, stage in enumerate(reached) if stage == min(reached)]
+        names = ", ".join(self.topo.describe(r) for r in behind)
+        where = "never began its process groups" if min(reached) < 0 else f"never got past {WARM_UP[stages[min(reached)]]}"
+        others = len(reached) - len(behind) - reached.count(len(stages) - 1)
+        waiting = f" ({others} other rank(s) wait for them there)" if others else ""
+        return (f"warm-up not done after {self.deadlines.warmup_s:.0f} s: {names} {where}{waiting}; a stuck NCCL start-up, "
+                "or a rank held up before it: raise run.warmup_timeout_s if the start-up is only slow")
 
 
 def leave(watchdog: Watchdog, timeout_s: float = LEAVE_TIMEOUT_S) -> None:
@@ -309,10 +476,11 @@ def fail_fast(watchdog: Watchdog | None, exc: BaseException) -> None:
     """Report a failure of this process to the others, then exit at once: a process that
     raised must not wait in the collectives of an orderly shutdown.
 
-    A communication error usually means that a peer died: the watchdog then gets a moment
-    to find which one stopped beating, so that the message names it rather than this rank."""
+    A communication error usually means that a peer died: global rank 0's watchdog then gets the time it
+    needs to find which one stopped beating (run.heartbeat_timeout_s), so that the message names it rather
+    than this rank; this rank's watchdog exits as soon as the failure is written."""
     if watchdog is not None and _is_peer_failure(exc):
-        time.sleep(STALE_AFTER_S + 3 * HEARTBEAT_S)  # the watchdog exits first if it finds the dead peer
+        time.sleep(watchdog.deadlines.heartbeat_s + 3 * HEARTBEAT_S)
     where = watchdog.topo.describe(watchdog.topo.rank) if watchdog is not None else "this rank"
     print(failure_line(f"rlhf: {where}", exc), file=sys.stderr, flush=True)
     if not isinstance(exc, InputError):  # a bug: its traceback, after the line that says what failed

@@ -70,7 +70,7 @@ class PPOLoop:
         self.device = device or pick_device(spec.run.device)
         quiet_transformers()
         torch.manual_seed(spec.run.seed)
-        self.timer = Timer(torch.cuda.synchronize if self.device.type == "cuda" else None)
+        self.timer = Timer.for_device(self.device)  # synchronises the step, not every micro step (rlhf_launch/runtime/timing.py)
         c = self.cluster
         self.tokenizer = load_tokenizer(policy_tokenizer_config(spec), spec.model_configs.actor.model_path, tokenizer_key(spec, "actor"))
         self.sampling = SamplingSettings.from_spec(spec, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)

@@ -9,14 +9,19 @@ before the action. So every per-token output here is [B, R], column t for respon
 from __future__ import annotations
 
 import contextlib
+import inspect
+import json
 
 import torch
 from torch import Tensor
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
 
+from rlhf_launch.core.checkpoint_index import KNOWN_HEADS
 from rlhf_launch.core.config import JobSpec
+from rlhf_launch.core.hub_cache import loadable_path, local_folder
+from rlhf_launch.core.problems import InputError
 from rlhf_launch.runtime.engine import InferenceEngine, inference_deepspeed_config
-from rlhf_launch.runtime.value_head import install_value_head
+from rlhf_launch.runtime.value_head import install_value_head, set_value_head, value_head
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
@@ -87,40 +92,155 @@ def attention_kernel(requested: str, device: torch.device) -> str:
     return "sdpa"
 
 
+class RemoteCodeError(InputError, ValueError):
+    """A model whose loading needs its own Python code, which the spec does not allow to run."""
+
+
+def _from_pretrained(auto_class, path: str, trust_remote_code: bool, role: str | None, device: torch.device,
+                     attn_implementation: str, **kwargs):
+    """``auto_class.from_pretrained`` as every model here is loaded: from the folder ``loadable_path`` resolves
+    (a hub id's cached snapshot), offline when HF_HUB_OFFLINE is set, with the attention kernel
+    (``attention_kernel``) and with ``trust_remote_code`` given explicitly (so never asked for). A model whose
+    own code is needed but not allowed is refused in one line; a model of its own code without the attention
+    kernel asked for is loaded with its default one, with a warning."""
+    kernel = attention_kernel(attn_implementation, device)
+    folder = loadable_path(path)
+    try:
+        return auto_class.from_pretrained(folder, local_files_only=_is_offline(), trust_remote_code=trust_remote_code,
+                                          attn_implementation=kernel, **kwargs)
+    except ValueError as exc:
+        message = str(exc)
+        where = f"model_configs.{role}.trust_remote_code" if role else "trust_remote_code"
+        if "trust_remote_code" in message and not trust_remote_code:
+            raise RemoteCodeError(
+                f"{where}: {path} runs on its own code ({_code_names(path)}), which this spec does not allow to run; "
+                f"set {where}: true if you trust that code"
+            ) from None
+        if not trust_remote_code or "does not support" not in message or "attention" not in message.lower():
+            raise
+    fallback = f"{path} does not support attn_implementation {kernel}; loading it with its default attention"
+    if fallback not in _FELL_BACK:
+        _FELL_BACK.add(fallback)
+        print(f"rlhf: warning: {fallback}", flush=True)
+    return auto_class.from_pretrained(folder, local_files_only=_is_offline(), trust_remote_code=True, **kwargs)
+
+
+def _config_file(path: str) -> dict:
+    """The model's config.json (its folder, or its snapshot in the hub cache), or {} when there is none to read."""
+    folder = local_folder(path)
+    try:
+        config = json.loads((folder / "config.json").read_text()) if folder is not None else {}
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _code_names(path: str) -> str:
+    """What a message says about a model's own code: its model_type and the classes its auto_map names."""
+    config = _config_file(path)
+    auto_map = config.get("auto_map") if isinstance(config.get("auto_map"), dict) else {}
+    named = ", ".join(f"{k}: {v}" for k, v in auto_map.items()) or "no auto_map"
+    return f"model_type {config.get('model_type')!r}; {named}"
+
+
 def load_causal_lm(
-    path: str, dtype: str, device: torch.device, zero3_config: dict | None = None, attn_implementation: str = "sdpa"
+    path: str, dtype: str, device: torch.device, zero3_config: dict | None = None, attn_implementation: str = "sdpa",
+    trust_remote_code: bool = False, role: str | None = None,
 ) -> PreTrainedModel:
     """A causal LM (Hugging Face id or folder) in ``dtype`` on ``device``, in eval mode, with the given
     attention kernel (``attention_kernel``); from the local cache only when HF_HUB_OFFLINE is set. With
     ``zero3_config`` (a ZeRO-3 DeepSpeed config) it is loaded partitioned (``partitioned_loading``), to
-    be handed to DeepSpeed with that config."""
+    be handed to DeepSpeed with that config. ``trust_remote_code`` lets a model of its own code (its
+    config.json's ``auto_map``) load; ``role`` names the model in messages."""
     with partitioned_loading(zero3_config):
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=_DTYPES[dtype], local_files_only=_is_offline(), attn_implementation=attention_kernel(attn_implementation, device)
-        )
+        model = _from_pretrained(AutoModelForCausalLM, path, trust_remote_code, role, device, attn_implementation, dtype=_DTYPES[dtype])
     return _prepare(model, device)
+
+
+def value_model_class(path: str, trust_remote_code: bool):
+    """The auto class a critic or reward model loads through: a sequence classifier
+    (AutoModelForSequenceClassification) unless the model's own code is allowed (``trust_remote_code``) and its
+    config.json's ``auto_map`` has no sequence classifier; then its AutoModel entry (a reward model of its own
+    class, InternLM2's, or a decoder), else its AutoModelForCausalLM entry."""
+    auto_map = _config_file(path).get("auto_map")
+    if not trust_remote_code or not isinstance(auto_map, dict) or "AutoModelForSequenceClassification" in auto_map:
+        return AutoModelForSequenceClassification
+    if "AutoModel" in auto_map:
+        return AutoModel
+    return AutoModelForCausalLM if "AutoModelForCausalLM" in auto_map else AutoModelForSequenceClassification
 
 
 def load_value_model(
     path: str, dtype: str, device: torch.device, pad_token_id: int, role: str = "reward", head_name: str | None = None,
-    zero3_config: dict | None = None, attn_implementation: str = "sdpa",
+    zero3_config: dict | None = None, attn_implementation: str = "sdpa", trust_remote_code: bool = False,
 ) -> PreTrainedModel:
-    """A sequence-classification model with one output, used per token (critic) or at the end
-    (reward); its ``score`` head is the checkpoint's value head under whatever name it was saved
-    (rlhf_launch/runtime/value_head.py). ``zero3_config`` and ``attn_implementation``: as in ``load_causal_lm``."""
+    """A model with a one-output value head, used per token (critic) or at the end (reward); the head is the
+    checkpoint's under whatever name it was saved (rlhf_launch/runtime/value_head.py), read as ``value_head``.
+
+    A sequence classifier (``value_model_class``) keeps its head as ``score``. A model of its own code is
+    loaded through its ``auto_map``: a reward model that is its own class (a decoder and a one-output head
+    such as InternLM2's ``v_head``) keeps its head, found by ``head_name`` or a known name; a causal LM or a
+    bare decoder loses its language-model head and gets a ``score`` on top, filled from the checkpoint's
+    value head when it has one. ``zero3_config``, ``attn_implementation``: as in ``load_causal_lm``."""
+    auto_class = value_model_class(path, trust_remote_code)
+    extra = {"num_labels": 1} if auto_class is AutoModelForSequenceClassification else {}
     with partitioned_loading(zero3_config):
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, dtype=_DTYPES[dtype], local_files_only=_is_offline(), output_loading_info=True,
-            attn_implementation=attention_kernel(attn_implementation, device),
-        )
+        model, info = _from_pretrained(auto_class, path, trust_remote_code, role, device, attn_implementation,
+                                       dtype=_DTYPES[dtype], output_loading_info=True, **extra)
+    missing = list(info["missing_keys"])
     model.config.pad_token_id = pad_token_id
-    if not isinstance(getattr(model, "score", None), torch.nn.Module):
-        raise ValueError(f"{path}: {type(model).__name__} has no 'score' head; expected a decoder sequence-classification model")
-    with _whole(model.score) if is_partitioned(model) else contextlib.nullcontext():
-        install_value_head(model, path, list(info["missing_keys"]), head_name, role)
+    if auto_class is AutoModelForSequenceClassification:
+        if not isinstance(getattr(model, "score", None), torch.nn.Module):
+            raise ValueError(f"{path}: {type(model).__name__} has no 'score' head; expected a decoder sequence-classification model")
+    elif (own := _own_head(model, head_name)) is not None:
+        set_value_head(model, model.get_submodule(own), own)
+    else:
+        _drop_output_embeddings(model)
+        set_value_head(model, _new_head(model, zero3_config), "score")
+        missing.append("score.weight")
+    with _whole(value_head(model)) if is_partitioned(model) else contextlib.nullcontext():
+        install_value_head(model, path, missing, head_name, role)
     if role == "reward" and not is_partitioned(model):  # load_frozen makes a partitioned one whole in fp32
-        model.score.float()  # a frozen head: fp32 costs nothing and keeps the score's digits (head_scores)
+        value_head(model).float()  # a frozen head: fp32 costs nothing and keeps the score's digits (head_scores)
     return _prepare(model, device)
+
+
+def _own_head(model: PreTrainedModel, head_name: str | None) -> str | None:
+    """The name of the model's own one-output head (``head_name``, else a known name), or None when it has none."""
+    for name in [head_name] if head_name else KNOWN_HEADS:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue
+        if isinstance(module, torch.nn.Linear) and module.out_features == 1:
+            return name
+    return None
+
+
+def _drop_output_embeddings(model: PreTrainedModel) -> None:
+    """Remove a causal LM's language-model head: a value model never computes it, and a trained one would hold
+    parameters that get no gradient (DDP refuses those)."""
+    head = model.get_output_embeddings()
+    for name, child in list(model.named_children()):
+        if head is not None and child is head:
+            setattr(model, name, None)
+
+
+def _new_head(model: PreTrainedModel, zero3_config: dict | None) -> torch.nn.Linear:
+    """A one-output linear head over the model's hidden states, initialised as Hugging Face initialises a
+    classifier's; under ZeRO-3 partitioned like the rest of the model (the same on every rank)."""
+    hidden = getattr(model.config, "hidden_size", None) or model.get_input_embeddings().embedding_dim
+    dtype = next(model.parameters()).dtype
+    if zero3_config is None:
+        head = torch.nn.Linear(hidden, 1, bias=False, dtype=dtype)
+    else:
+        import deepspeed
+
+        with deepspeed.zero.Init(config_dict_or_path=zero3_config):
+            head = torch.nn.Linear(hidden, 1, bias=False, dtype=dtype)
+    with _whole(head) if zero3_config is not None else contextlib.nullcontext(), torch.no_grad():
+        head.weight.normal_(0.0, getattr(model.config, "initializer_range", 0.02))
+    return head
 
 
 def load_frozen(spec: JobSpec, role: str, device: torch.device, pad_token_id: int | None = None) -> tuple[PreTrainedModel, InferenceEngine]:
@@ -135,16 +255,17 @@ def load_frozen(spec: JobSpec, role: str, device: torch.device, pad_token_id: in
     cfg = spec.model_configs.roles()[role]
     config = inference_deepspeed_config(spec, role)
     if role == "reference":
-        model = load_causal_lm(cfg.model_path, cfg.torch_dtype, device, config, cfg.attn_implementation).requires_grad_(False)
+        model = load_causal_lm(cfg.model_path, cfg.torch_dtype, device, config, cfg.attn_implementation, cfg.trust_remote_code,
+                               role).requires_grad_(False)
         return model, InferenceEngine(model, config)
     model = load_value_model(cfg.model_path, cfg.torch_dtype, device, pad_token_id, role, cfg.head_name, config,
-                             cfg.attn_implementation).requires_grad_(False)
+                             cfg.attn_implementation, cfg.trust_remote_code).requires_grad_(False)
     if config is None:
         return model, InferenceEngine(model)
-    head = _unpartitioned_head(model.score)
+    head = _unpartitioned_head(value_head(model))
     # DeepSpeed runs the base model; sequence_scores calls it, so ZeRO-3 sees the start of every forward.
     engine = InferenceEngine(model.base_model, config)
-    model.score = head  # after DeepSpeed has wrapped the model: it would partition the head again
+    set_value_head(model, head)  # after DeepSpeed has wrapped the model: it would partition the head again
     return model, engine
 
 
@@ -197,6 +318,8 @@ def enable_gradient_checkpointing(module: PolicyModule | ValueModule) -> int:
     module.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     module.checkpointing = [m for m in module.model.modules() if getattr(m, "gradient_checkpointing", False) is True]
     layers = sum(isinstance(m, GradientCheckpointingLayer) for m in module.checkpointing)
+    if layers == 0:  # a model of its own code may checkpoint its layers from the decoder's loop, as older transformers did
+        layers = sum(len(m.layers) for m in module.checkpointing if isinstance(getattr(m, "layers", None), torch.nn.ModuleList))
     if layers == 0:
         raise ValueError(f"{type(module.model).__name__} has no decoder layers that Hugging Face can checkpoint")
     return layers
@@ -236,19 +359,22 @@ class PolicyModule(torch.nn.Module):
         self.model = model
         self.compute_dtype: torch.dtype | None = None  # set by a trainer that keeps fp32 master weights
         self.checkpointing: list[torch.nn.Module] = []  # set by enable_gradient_checkpointing
+        # Models of their own code may predate logits_to_keep: they compute every position's logits, cut below.
+        self.keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, response_len: int, temperature: float = 1.0) -> Tensor:
         """Logits [B, R, V] (float32) of the last ``response_len`` tokens of ``input_ids`` [B, P + R],
         each from the prefix before it, divided by ``temperature``."""
+        keep = {"logits_to_keep": response_len + 1} if self.keeps_logits else {}
         with compute_in(self.compute_dtype, input_ids.device), _checkpointing(self.checkpointing):
             out = self.model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids(attention_mask),
-                logits_to_keep=response_len + 1,
                 use_cache=False,
+                **keep,
             )
-        logits = out.logits[:, :-1].float()
+        logits = out.logits[:, -response_len - 1 : -1].float()
         return logits / temperature if temperature != 1.0 else logits
 
 
@@ -269,7 +395,7 @@ class ValueModule(torch.nn.Module):
             hidden = self.model.base_model(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False
             ).last_hidden_state
-        return head_scores(self.model.score, hidden[:, -response_len - 1 : -1])
+        return head_scores(value_head(self.model), hidden[:, -response_len - 1 : -1])
 
 
 class Fp32Head(torch.nn.Linear):
@@ -304,4 +430,4 @@ def sequence_scores(model: PreTrainedModel, input_ids: Tensor, attention_mask: T
     ).last_hidden_state
     last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).long().argmax(-1)
     rows = torch.arange(hidden.shape[0], device=hidden.device)
-    return head_scores(model.score, hidden[rows, last])
+    return head_scores(value_head(model), hidden[rows, last])

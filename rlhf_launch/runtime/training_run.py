@@ -9,6 +9,8 @@ process (``rlhf-launch --local``); ``run_local`` puts every role in this one pro
 from __future__ import annotations
 
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -60,13 +62,15 @@ def run(
         report = RunReporter(run_dir if leader else None, total, loop.step, quiet,
                              tokenizer=loop.tokenizer if spec.rollout_config.write_to_file else None)
         loop.rollout_log = report.rollouts
+        clock = SaveClock(spec.train_config.save_interval_minutes, cluster)
         try:
             report.status("running", loop.step)
             while loop.step < total:
                 report.step_done(loop.step + 1, loop.ppo_step())
-                saved = _due_for_checkpoint(spec, loop.step)
+                saved = clock.due() or _due_for_checkpoint(spec, loop.step)  # the clock first: its collective runs every step
                 if saved:
                     loop.save()
+                    clock.saved()
                 if notice is not None and loop.step < total and cluster.any(notice.requested):
                     _stop_for_requeue(loop, saved, report)
                     return report.history
@@ -103,6 +107,28 @@ def _lock(run_dir: Path) -> RunLock:
     if lock.unsupported:
         print(f"rlhf: cannot lock {run_dir} ({lock.unsupported}); nothing keeps a second run out of it", file=sys.stderr, flush=True)
     return lock
+
+
+class SaveClock:
+    """train_config.save_interval_minutes: whether that many minutes have passed since this start or the last
+    checkpoint. Ranks' clocks and step ends differ, so global rank 0's clock decides and every rank learns its
+    answer through one collective per step: all ranks checkpoint at the same step, and since a checkpoint changes
+    no numbers, a run that checkpoints by time still equals one that does not (and a resumed run the straight one)."""
+
+    def __init__(self, minutes: float | None, cluster: Cluster, now: Callable[[], float] = time.monotonic):
+        self.seconds = minutes * 60 if minutes else None
+        self.cluster, self.now = cluster, now
+        self.since = now()
+
+    def due(self) -> bool:
+        """Rank 0's answer on every rank; False without a time interval (no collective then)."""
+        if self.seconds is None:
+            return False
+        return self.cluster.any(self.cluster.is_leader and self.now() - self.since >= self.seconds)
+
+    def saved(self) -> None:
+        """A checkpoint was written: the interval starts again."""
+        self.since = self.now()
 
 
 def _due_for_checkpoint(spec: JobSpec, step: int) -> bool:

@@ -11,10 +11,13 @@ import argparse
 import os
 import sys
 import threading
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
+
+    from rlhf_launch.runtime.dist import Topology
 
 # Set by ``rlhf-launch --local``: a pipe whose write end only the launcher holds, and its pid.
 LAUNCHER_FD_ENV = "RLHF_LAUNCHER_FD"
@@ -85,6 +88,22 @@ def device_env(device: torch.device) -> dict[str, str]:
     return {"LOCAL_RANK": str(device.index or 0)}
 
 
+def vllm_cache_env(topo: Topology, generator_type: str, env=os.environ) -> dict[str, str]:
+    """The environment update that gives this rank's vLLM engine a compile cache of its own on node-local disk
+    (``$TMPDIR``, else /tmp): ``<tmp>/rlhf-vllm-cache-<job>-<engine>``; none for a rank that runs no vLLM engine, or
+    when VLLM_CACHE_ROOT is set already (the user's choice wins).
+
+    vLLM's default, ~/.cache/vllm, is one folder on a shared home for every engine of the job: engines on one node
+    compile into it at the same time, and every node reads it over the network. The tensor-parallel ranks of one
+    engine share its folder (vLLM keeps a subfolder per rank); the job is Slurm's job id, or the launcher's pid
+    for ``--local``. Must be set before vLLM is imported."""
+    if generator_type != "vllm" or not topo.runs("generator") or env.get("VLLM_CACHE_ROOT"):
+        return {}
+    job = env.get("SLURM_JOB_ID") or f"local{os.getppid()}"
+    root = Path(env.get("TMPDIR") or "/tmp") / f"rlhf-vllm-cache-{job}-{topo.replica_index('generator')}"
+    return {"VLLM_CACHE_ROOT": str(root)}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run this rank to the end of the job; returns the exit status (failures exit from fail_fast)."""
     p = argparse.ArgumentParser(prog="python -m rlhf_launch.runtime.worker", description="One rank of an rlhf-launch job.")
@@ -110,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     spec, run_dir = resolved.spec, resolved.run_dir
 
-    from rlhf_launch.runtime.dist import RendezvousError, Topology, Watchdog, fail_fast, leave, rendezvous
+    from rlhf_launch.runtime.dist import Deadlines, RendezvousError, Topology, Watchdog, fail_fast, init_role_group, leave, rendezvous
 
     try:
         topo = Topology.from_env(resolved.plan)
@@ -119,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # DeepSpeed reads these (and tries MPI discovery without LOCAL_RANK).
     os.environ.update(RANK=str(topo.rank), WORLD_SIZE=str(topo.world_size), LOCAL_RANK=str(topo.local_rank))
+    os.environ.update(vllm_cache_env(topo, spec.model_configs.actor.generator_config.generator_type))
     if guard is not None:
         guard.name = topo.describe(topo.rank)
     _configure_threads()
@@ -133,14 +153,17 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.set_device(device)
     os.environ.update(device_env(device))  # before DeepSpeed reads it
     print(f"rlhf: {topo.describe(topo.rank)} on {device}", file=sys.stderr, flush=True)
+    deadlines = Deadlines.of(spec.run)
     try:
-        store = rendezvous(topo, device, spec.run.rendezvous_timeout_s)
+        store = rendezvous(topo, deadlines.rendezvous_s)
     except RendezvousError as exc:
         print(f"rlhf: {exc}", file=sys.stderr, flush=True)
         return 3
-    watchdog = Watchdog(store, topo)
+    # Started before any process group: global rank 0's watchdog fails a start-up that hangs (run.warmup_timeout_s).
+    watchdog = Watchdog(store, topo, deadlines)
     try:
-        cluster = Distributed(topo, device, store)
+        init_role_group(topo, device, store, deadlines.role_s)
+        cluster = Distributed(topo, device, store, deadlines)
         run(spec, run_dir, args.resume, cluster=cluster, device=device, notice=notice)
         cluster.close()  # a real barrier: rank 0 hosts the store and must not leave first
     except BaseException as exc:  # noqa: BLE001 - every failure must reach the other ranks

@@ -102,38 +102,47 @@ def test_local_config_json_is_read(tmp_path):
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_training_memory_by_zero_stage(stage):
-    """Hand-computed: mixed precision keeps 2 + 2 + 12 bytes per parameter, ZeRO splits them."""
+    """Hand-computed, GB of an 8B model on 8 ranks: mixed precision keeps 2 bytes of weights, the 2 bytes of 16-bit
+    gradients backward makes and DeepSpeed's fp32 gradient partition of 4, and 12 of optimizer states; ZeRO splits
+    them (ZeRO-3 adds the gathered module's 16-bit weights and gradients, 2 + 2 bytes of its parameters)."""
     shape = ModelShape(8e9, 32, 4096, 4096, 32000, "test")
     # A separate generator: the actor's peak is then training alone, without a KV cache.
     spec = sized_spec(layout(actor=8, critic=8), **zero(stage, "actor"), **vllm_generator(), **{
-        "train_config.actor_micro_bs": 1, "dataset_config.max_seq_len": 1024, "rollout_config.max_new_tokens": 1024})
+        "train_config.actor_micro_bs": 1, "dataset_config.max_seq_len": 1024, "rollout_config.max_new_tokens": 1024,
+        "repeater_config.actor_micro_bs": 1})
     m = memory.training(spec.model_configs.actor, shape, spec, micro=1, logits=False)
     gib = 1024**3
-    expected = {0: (16, 16, 96), 1: (16, 16, 12), 2: (16, 2, 12), 3: (2, 2, 12)}[stage]
+    gathered = 2 * (8e9 - 32000 * 4096) / 32 / 1e9
+    expected = {0: (16, 48, 96), 1: (16, 20, 12), 2: (16, 20, 12), 3: (2 + gathered, 4 + gathered, 12)}[stage]
     assert (m.weights_gib * gib / 1e9, m.gradients_gib * gib / 1e9, m.optimizer_gib * gib / 1e9) == pytest.approx(expected)
-    assert m.activations_gib * gib == pytest.approx(34 * 2048 * 1 * 4096 * 32)  # bytes of 16-bit activations
+    layer = 16 * 4096 + 2 * (2 * 4096 + 2 * 4096) + 8 * round(8 * 4096 / 3)  # 16-bit, gated MLP of 8/3 x hidden
+    assert m.activations_gib * gib == pytest.approx(layer * 2048 * 1 * 33)  # every layer and one more for the backward
+    assert m.phase == "training"
 
 
 # 7B-like shape with 32 heads; a separate generator, so that the actor's peak is training alone.
 SHAPE = ModelShape(7e9, 32, 4096, 4096, 32000, "test", heads=32)
 TRAINING = {**layout(actor=8, critic=8), **zero(3, "actor"), **vllm_generator(), "train_config.actor_micro_bs": 2,
-            "dataset_config.max_seq_len": 1024, "rollout_config.max_new_tokens": 1024}
+            "dataset_config.max_seq_len": 1024, "rollout_config.max_new_tokens": 1024, "repeater_config.actor_micro_bs": 2}
+LAYER = memory.layer_bytes_per_token(SHAPE, "16bit")  # 16-bit bytes per token of one decoder layer
 
 
 def _training_activations(**overrides) -> float:
     spec = sized_spec(TRAINING, **overrides)
-    return memory.training(spec.model_configs.actor, SHAPE, spec, micro=2, logits=False).activations_gib * 1024**3
+    phases = memory.training_phases(spec.model_configs.actor, SHAPE, spec, micro=2, logits=False)
+    return next(m for m in phases if m.phase == "training").activations_gib * 1024**3
 
 
-def test_gradient_checkpointing_keeps_layer_inputs_and_one_layer():
-    """Korthikanti et al. 2022: 34 x s x b x h bytes per layer kept without recomputation; with full
-    recomputation each layer's 2 x s x b x h input plus one layer's activations during its backward."""
+def test_gradient_checkpointing_keeps_layer_inputs_and_two_layers():
+    """Without recomputation every layer's activations and one more layer's for the backward's work; with full
+    recomputation (Korthikanti et al. 2022) each layer's 2 x s x b x h input plus the layer being recomputed and
+    the backward's."""
     s, b, h, layers = 2048, 2, 4096, 32
     plain = _training_activations()
     checkpointed = _training_activations(**{"model_configs.actor.trainer_config.gradient_checkpointing": True})
-    assert plain == pytest.approx(34 * s * b * h * layers)
-    assert checkpointed == pytest.approx(2 * s * b * h * layers + 34 * s * b * h)
-    assert plain / checkpointed == pytest.approx(34 * 32 / (2 * 32 + 34))  # about 11x less
+    assert plain == pytest.approx(LAYER * s * b * (layers + 1))
+    assert checkpointed == pytest.approx(2 * s * b * h * layers + 2 * LAYER * s * b)
+    assert plain / checkpointed > 8
     # Checkpointing the reference changes nothing: it only runs inference.
     spec = sized_spec(TRAINING, **{"model_configs.reference.trainer_config.gradient_checkpointing": True})
     plan_ref = memory.inference(spec.model_configs.reference, SHAPE, spec, micro=8, logits=False)
@@ -149,21 +158,23 @@ def test_eager_attention_adds_the_score_matrices_of_every_head():
     flash = _training_activations(**{"model_configs.actor.attn_implementation": "flash_attention_2"})
     eager = _training_activations(**{"model_configs.actor.attn_implementation": "eager"})
     assert sdpa == flash
-    assert eager - sdpa == pytest.approx(5 * heads * s * s * b * layers)
+    assert eager - sdpa == pytest.approx(5 * heads * s * s * b * (layers + 1))
     both = _training_activations(**{"model_configs.actor.attn_implementation": "eager",
                                     "model_configs.actor.trainer_config.gradient_checkpointing": True})
-    assert both == pytest.approx(2 * s * b * h * layers + 34 * s * b * h + 5 * heads * s * s * b)
+    assert both == pytest.approx(2 * s * b * h * layers + 2 * (LAYER * s * b + 5 * heads * s * s * b))
     # Inference holds one layer at a time, scores included under eager.
     spec = sized_spec(TRAINING, **{"model_configs.reward.attn_implementation": "eager"})
     reward = memory.inference(spec.model_configs.reward, SHAPE, spec, micro=2, logits=False).activations_gib * 1024**3
-    assert reward == pytest.approx(34 * s * b * h + 5 * heads * s * s * b)
+    assert reward == pytest.approx(memory.inference_layer_bytes_per_token(SHAPE, "16bit") * s * b + 5 * heads * s * s * b)
 
 
-def test_float32_activations_take_twice_the_bytes_and_the_trainer_level_dtype_wins():
+def test_float32_activations_take_their_own_count_and_the_trainer_level_dtype_wins():
     bf16 = _training_activations()
-    assert _training_activations(**{"model_configs.actor.torch_dtype": "float32"}) == pytest.approx(2 * bf16)
+    fp32 = memory.layer_bytes_per_token(SHAPE, "fp32") * 2048 * 2 * 33
+    assert _training_activations(**{"model_configs.actor.torch_dtype": "float32"}) == pytest.approx(fp32)
+    assert 1.8 * bf16 < fp32 < 2 * bf16  # the fp32 RMSNorm input is there in both
     # XTuner's place for the dtype wins over the model-level one.
-    assert _training_activations(**{"model_configs.actor.trainer_config.torch_dtype": "float32"}) == pytest.approx(2 * bf16)
+    assert _training_activations(**{"model_configs.actor.trainer_config.torch_dtype": "float32"}) == pytest.approx(fp32)
 
 
 def test_checkpointing_brings_a_long_sequence_layout_under_the_gpu():

@@ -137,7 +137,8 @@ def assert_resumed_equals_straight(tmp_path, sets, keys):
 
 @pytest.mark.slow
 def test_a_killed_rank_takes_every_rank_down_naming_it(tiny_models, tmp_path):
-    loaded = load_spec(TINY, ["train_config.max_train_step=500", f"run.output_dir={tmp_path}"])
+    # 20 s of silence, not the default 120: global rank 0 names the dead rank to every rank within a minute.
+    loaded = load_spec(TINY, ["train_config.max_train_step=500", f"run.output_dir={tmp_path}", "run.heartbeat_timeout_s=20"])
     run_dir = tmp_path / "tiny_cpu"
     run_dir.mkdir()
     from rlhf_launch.core import yaml_io

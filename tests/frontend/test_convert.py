@@ -108,7 +108,7 @@ def test_memory_and_precision_keys_convert_validate_and_plan():
     assert notes[0] == ("model_configs.actor.use_flash_attn (false) is ignored, as XTuner ignores it; "
                         "trainer_config.use_flash_attn (true) is used")
     assert [note.split(":")[0] for note in notes[1:]] == [
-        "repeater_config.norm_adv", "dataset_config.max_seq_len", "train_config.max_train_step"]
+        "repeater_config.norm_adv", "dataset_config.max_seq_len", "train_config.max_train_step", _REMOTE.split(":")[0]]
 
     loaded = validate(data, "memory", MEMORY.parent)
     spec = loaded.spec.model_configs
@@ -119,8 +119,8 @@ def test_memory_and_precision_keys_convert_validate_and_plan():
     # The plan counts the checkpointed critic's activations: far less than the same spec without checkpointing.
     without = convert_file(MEMORY)
     without["model_configs"]["critic"]["trainer_config"]["gradient_checkpointing"] = False
-    plain = validate(without, "memory", MEMORY.parent).plan.role("critic").memory.activations_gib
-    assert loaded.plan.role("critic").memory.activations_gib < plain / 5
+    plain = validate(without, "memory", MEMORY.parent).plan.role("critic").phases["training"].activations_gib
+    assert loaded.plan.role("critic").phases["training"].activations_gib < plain / 5
 
 
 def test_convert_prints_notes_after_the_spec(capsys):
@@ -151,6 +151,9 @@ LATER = ROOT / "tests" / "fixtures" / "xtuner" / "later_every_key.py"
 _OFF = "which is not supported yet"
 _PTX = "PPO-ptx (a pretraining loss mixed into the policy update)"
 _DS = "model_configs.critic.trainer_config.deepspeed_config"
+_REMOTE = ("model_configs.*.trust_remote_code and tokenizer_config.trust_remote_code written as true: XTuner loads every model "
+           "and tokenizer with trust_remote_code=True, which InternLM2's need (set false for models that run on transformers' "
+           "own code)")
 _PT_LEN = ("pretrain_dataset_config.max_seq_len: XTuner skips pretraining texts longer than this (and those of 4 tokens or fewer); "
            "the converted run keeps their first max_seq_len tokens")
 
@@ -194,6 +197,7 @@ GEN1_NOTES = [
     "converted run averages over all tokens",
     "train_config.max_train_step: XTuner runs until it is stopped; the converted run stops after 1000 steps (the spec's default): "
     "set max_train_step",
+    _REMOTE,
     f"{_DS}.bf16.enable (true) rewritten as bf16.enabled: DeepSpeed reads only 'enabled', so XTuner's own run had ignored this setting",
     f"{_DS}: gradient_accumulation_steps 8, train_batch_size 128 dropped: they disagree with the batch sizes, from which they are "
     "derived (gradient_accumulation_steps 16, train_batch_size 64)",
@@ -216,6 +220,8 @@ def test_gen1_config_converts_every_key_with_one_note_each():
     ds = data["model_configs"]["critic"]["trainer_config"]["deepspeed_config"]
     assert ds == {"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}, "train_micro_batch_size_per_gpu": 2}
     assert data["tokenizer_config"]["from_pretrained_kwargs"] == {"use_fast": False}
+    assert data["tokenizer_config"]["trust_remote_code"] is True
+    assert all(data["model_configs"][role]["trust_remote_code"] is True for role in ("actor", "reference", "critic", "reward"))
     assert data["dataset_config"]["ppo_datas"] == ["Anthropic/hh-rlhf/helpful-base::1.0[META]:helpful"]
     # gen-1's num_samples_each_epoch (80) counted the 16 pretraining samples: 64 prompts, 16 texts per step
     assert data["dataset_config"]["num_samples_each_epoch"] == 64
@@ -267,6 +273,7 @@ LATER_NOTES = [
     "of the rewards",
     "dataset_config.max_seq_len: XTuner skips prompts longer than this (and those of 4 tokens or fewer); the converted run keeps "
     "the last max_seq_len tokens of a longer prompt",
+    _REMOTE,
     f"{_DS}.bf16.enable (false) rewritten as bf16.enabled: DeepSpeed reads only 'enabled', so XTuner's own run had ignored this setting",
 ]
 

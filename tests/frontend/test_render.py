@@ -133,7 +133,7 @@ def test_script_runs_each_component_with_its_group_and_offset(stub_env):
         assert args[-4:] == ["-m", "rlhf_launch.runtime.worker", "--spec", f"{run_dir}/spec.yaml"]
         environ = (tmp_path / f"srun-{group}.env").read_text()
         assert "MASTER_ADDR=node-a" in environ and "RLHF_WORLD_SIZE=22" in environ
-        assert f"MASTER_PORT={first_port_candidate(4242, 0)}" in environ
+        assert f"MASTER_PORT={first_free_candidate(4242, 0)}" in environ
 
 
 def test_hostile_values_are_passed_verbatim_never_executed(stub_env):
@@ -191,15 +191,25 @@ def test_requeued_job_resumes_automatically(stub_env):
     assert proc.returncode == 0, out
     assert "--resume\nauto\n" in (tmp_path / "srun-0.args").read_text()
     # and meets at a new port: the first attempt's store may still be closing
-    port = first_port_candidate(4242, 1)
-    assert port != first_port_candidate(4242, 0)
-    assert f"MASTER_PORT={port}" in (tmp_path / "srun-0.env").read_text()
+    assert first_port_candidate(4242, 1) != first_port_candidate(4242, 0)
+    assert f"MASTER_PORT={first_free_candidate(4242, 1)}" in (tmp_path / "srun-0.env").read_text()
 
 
 def first_port_candidate(job: int, restart: int, attempt: int = 0) -> int:
     """The script's port candidate, computed as the script does (POSIX cksum)."""
     digest = subprocess.run(["cksum"], input=f"{job}/{restart}/{attempt}", capture_output=True, text=True, check=True)
     return 20000 + int(digest.stdout.split()[0]) % 12768
+
+
+def first_free_candidate(job: int, restart: int) -> int:
+    """The port the script picks: its first candidate that nothing on this machine listens on (another process may
+    hold the first one; the script then takes the next, which test_a_port_something_listens_on_is_skipped checks)."""
+    for attempt in range(64):
+        port = first_port_candidate(job, restart, attempt)
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) != 0:
+                return port
+    raise AssertionError("no free candidate port")
 
 
 def test_a_port_something_listens_on_is_skipped(stub_env):
@@ -224,7 +234,8 @@ def test_compute_nodes_are_offline_by_default_and_ranks_are_placed_in_blocks(stu
     assert "HF_HUB_OFFLINE=1" in environ and "TRANSFORMERS_OFFLINE=1" in environ
     assert "HF_DATASETS_OFFLINE=0" in environ  # set before submitting: kept
     assert "--distribution=block" in (tmp_path / "srun-0.args").read_text().splitlines()
-    assert "#SBATCH --mem=0" in rendered("internlm2_1_8b")
+    # Host memory per node from the plan (rlhf_launch/core/budget.py), not all of each node's
+    assert re.findall(r"#SBATCH --mem=(\S+)", rendered("internlm2_1_8b")) == ["71G", "29G"]
 
 
 def test_script_is_valid_bash():

@@ -58,7 +58,7 @@ def test_unknown_key_suggests_the_closest(tmp_path):
 
 def test_unknown_key_without_close_match_lists_the_keys(tmp_path):
     (line,) = errors(tmp_path, edit(run__zzz=1))
-    assert "run.zzz: unknown key; expected one of: device, name, output_dir, rendezvous_timeout_s, seed" in line
+    assert "run.zzz: unknown key; expected one of: device, exchange_timeout_s, heartbeat_timeout_s, name, output_dir, " in line
 
 
 def test_every_problem_is_reported_at_once_with_lines(tmp_path):

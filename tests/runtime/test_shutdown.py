@@ -18,7 +18,18 @@ import torch
 
 from rlhf_launch.frontend.backends.local import free_port
 from rlhf_launch.runtime import dist as rlhf_dist
-from rlhf_launch.runtime.dist import HEARTBEAT_S, PeerGroup, Topology, Watchdog, leave, rendezvous
+from rlhf_launch.runtime.dist import (
+    DONE,
+    HEARTBEAT_S,
+    Deadlines,
+    PeerGroup,
+    Topology,
+    Watchdog,
+    beat_key,
+    init_role_group,
+    leave,
+    rendezvous,
+)
 from tests.conftest import ROOT
 from tests.factory import load
 
@@ -33,8 +44,9 @@ def _rank(rank: int, plan, port: int) -> None:
     torch.set_num_threads(1)
     role, role_rank = plan.role_of_rank(rank)
     topo = Topology(rank, plan.world_size, role, role_rank, 0, plan)
-    store = rendezvous(topo, CPU, 30)
+    store = rendezvous(topo, 30)
     watchdog = Watchdog(store, topo)
+    init_role_group(topo, CPU, store, 30)
     cluster = Distributed(topo, CPU, store)
     if rank != 0:
         shutdown = PeerGroup.shutdown
@@ -64,7 +76,7 @@ def test_every_rank_of_a_completed_run_exits_zero_though_rank_0_is_first_done():
             p.kill()
             p.join()
     assert [p.exitcode for p in procs] == [0] * plan.world_size
-    assert rlhf_dist.STALE_AFTER_S > SLOW_S  # the slow ranks are not taken for dead by rank 0's watchdog either
+    assert Deadlines.of().heartbeat_s > SLOW_S  # the slow ranks are not taken for dead by rank 0's watchdog either
 
 
 def test_rank_0_waits_for_the_stragglers_only_so_long_and_names_them():
@@ -72,7 +84,7 @@ def test_rank_0_waits_for_the_stragglers_only_so_long_and_names_them():
     store = torch.distributed.HashStore()
     watchdog = Watchdog(store, Topology(0, plan.world_size, *plan.role_of_rank(0), 0, plan))
     watchdog.stop()
-    store.set("rlhf_launch/runtime/done/2", "1")
+    store.set(beat_key(2), DONE)
     started = time.monotonic()
     assert watchdog.wait_for_everyone(0.3) == [r for r in range(plan.world_size) if r not in (0, 2)]
     assert 0.3 <= time.monotonic() - started < 5

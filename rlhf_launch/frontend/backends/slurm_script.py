@@ -50,14 +50,14 @@ def _environment() -> jinja2.Environment:
     return env
 
 
-def sbatch_options(spec: JobSpec) -> list[str]:
+def sbatch_options(spec: JobSpec, mem: str | None = None) -> list[str]:
     """Extra sbatch options as '--name=value': the slurm keys that are set (partition, account, qos, time,
-    mem, constraint), then ``slurm.extra_sbatch`` as written. Memory defaults to --mem=0, all of each
-    node's: a job takes whole GPU nodes, and some clusters otherwise grant a small default per CPU."""
+    mem, constraint), then ``slurm.extra_sbatch`` as written. Memory: ``mem`` (a component's, from the plan),
+    else slurm.mem, else 0, all of each node's (some clusters otherwise grant a small default per CPU)."""
     s = spec.slurm
     named = [
         ("partition", s.partition), ("account", s.account), ("qos", s.qos),
-        ("time", s.time), ("mem", s.mem or "0"), ("constraint", s.constraint),
+        ("time", s.time), ("mem", mem or s.mem or "0"), ("constraint", s.constraint),
     ]
     options = [f"--{key}={value}" for key, value in named if value]
     return options + list(s.extra_sbatch)
@@ -77,8 +77,11 @@ def render_sbatch(spec: JobSpec, plan: Plan, files: JobFiles) -> str:
         for name in comp.envs:
             if not _ENV_NAME.match(name):
                 raise RenderError(f"environment variable name {name!r} is not a shell variable name (letters, digits, _)")
-    options = sbatch_options(spec)
-    for value in [spec.run.name, *options]:  # the schema checks these too; an #SBATCH line must never break
+    # Each component asks for the host memory the plan gives its nodes, so that one that half-fills a node leaves
+    # the rest of the node's memory, and so its other GPUs, to other jobs.
+    options = [sbatch_options(spec, comp.mem) for comp in plan.components]
+    # the schema checks these too; an #SBATCH line must never break
+    for value in [spec.run.name, *(option for per_component in options for option in per_component)]:
         if re.search(r"\s", value):
             raise RenderError(f"sbatch option {value!r} contains whitespace")
     template = _environment().get_template("rlhf_job.sbatch.j2")
@@ -92,8 +95,8 @@ def render_sbatch(spec: JobSpec, plan: Plan, files: JobFiles) -> str:
         total_nodes=plan.total_nodes,
         world_size=plan.world_size,
         cpus_per_task=spec.slurm.cpus_per_gpu,
-        signal_seconds=spec.slurm.signal_seconds,
-        sbatch_options=options,
+        signal_seconds=plan.signal_seconds,
+        component_options=options,
         setup=spec.slurm.setup,
         stop_grace_seconds=STOP_GRACE_SECONDS,
     )

@@ -30,7 +30,7 @@ from rlhf_launch.frontend.convert.map import (
     sequence_parallel,
     write_defaults,
 )
-from rlhf_launch.frontend.convert.notes import behaviour_notes, tokenizer_keywords
+from rlhf_launch.frontend.convert.notes import behaviour_notes, remote_code, tokenizer_keywords
 from rlhf_launch.frontend.convert.ptx import map_pretraining
 from rlhf_launch.frontend.convert.tables import LATER
 
@@ -122,7 +122,8 @@ def _sections(namespace: dict[str, Any]) -> dict[str, Any]:
 
 def _convert_sections(spec: dict[str, Any], notes: list[str]) -> None:
     """Every step of the conversion, in order: later spellings, PPO-ptx, refused and dropped keys, XTuner's
-    defaults, then notes on what behaves differently and the DeepSpeed fixes (which need the batch sizes)."""
+    defaults, then notes on what behaves differently, remote code allowed as XTuner allows it, and the DeepSpeed
+    fixes (which need the batch sizes)."""
     fmt = detect_format(spec)
     if fmt == LATER:
         from_later_format(spec, notes)
@@ -139,6 +140,7 @@ def _convert_sections(spec: dict[str, Any], notes: list[str]) -> None:
     drop_unread_micro_batch(spec)
     behaviour_notes(spec, fmt, written, notes)
     tokenizer_keywords(spec)
+    remote_code(spec, notes)
     fix_deepspeed(spec, notes)
 
 

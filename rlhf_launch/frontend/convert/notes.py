@@ -115,3 +115,26 @@ def tokenizer_keywords(spec: dict) -> None:
         if extra:
             config.setdefault("from_pretrained_kwargs", {}).update(extra)
 
+
+
+def remote_code(spec: dict, notes: list[str]) -> None:
+    """XTuner loads every model and tokenizer with their own code allowed to run (trust_remote_code=True): so does
+    the converted run, with ``trust_remote_code: true`` on each model (after its model_path), on the job's
+    tokenizer_config and on each model's own; a value the config wrote itself is kept."""
+    models = spec.get("model_configs") if isinstance(spec.get("model_configs"), dict) else {}
+    for model in models.values():
+        if isinstance(model, dict) and "trust_remote_code" not in model:
+            at = list(model).index("model_path") + 1 if "model_path" in model else len(model)
+            items = list(model.items())
+            model.clear()
+            model.update(items[:at] + [("trust_remote_code", True)] + items[at:])
+        if isinstance(model, dict) and isinstance(model.get("tokenizer_config"), dict):
+            model["tokenizer_config"].setdefault("trust_remote_code", True)
+    tokenizer = spec.get("tokenizer_config")
+    if tokenizer is None:
+        spec["tokenizer_config"] = {"trust_remote_code": True}
+    elif isinstance(tokenizer, dict):
+        tokenizer.setdefault("trust_remote_code", True)
+    notes.append("model_configs.*.trust_remote_code and tokenizer_config.trust_remote_code written as true: XTuner loads every "
+                 "model and tokenizer with trust_remote_code=True, which InternLM2's need (set false for models that run on "
+                 "transformers' own code)")

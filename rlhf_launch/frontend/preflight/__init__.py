@@ -9,8 +9,9 @@ returns every problem found, in the spec's one-line ``Problem`` form, collected 
 - data.py (records.py reads the files): each ``ppo_datas`` source exists and its records have a prompt's
   shape; PPO-ptx's ``pretrain_datas`` hold texts or chats; Hugging Face datasets are in the local cache
   (hub_cache.py);
-- models.py: each model's config.json fits its role; reward and critic checkpoints have a value head; the
-  memory plan is recomputed from the configs of cached hub models;
+- models.py: each model's config.json fits its role; a model type transformers does not know has its own code,
+  allowed to run (remote_code.py); reward and critic checkpoints have a value head; the memory plan is
+  recomputed from the configs of cached hub models;
 - tokenizer.py (readers.py reads tokenizer folders): the tokenizer loads; its special tokens exist; every
   model's vocabulary holds its ids;
 - prompts.py: a sample of prompts renders through the chat template, those longer than max_seq_len are

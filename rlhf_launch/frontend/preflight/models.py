@@ -1,8 +1,9 @@
 """The models: each model folder (or hub id in the local cache) has a config.json whose architecture fits its
-role; reward and critic checkpoints have a value head the runtime will find (names from the index and the
-safetensors headers, rlhf_launch/core/checkpoint_index.py); and the memory plan is recomputed from the configs of
-cached hub models. A hub model missing from the cache is an error for ``--local`` and a warning for a Slurm
-submission, whose nodes may have it. The model of a role the plan does not have is not looked at."""
+role; a model type transformers does not know comes with its own code, allowed to run (remote_code.py); reward
+and critic checkpoints have a value head the runtime will find (names from the index and the safetensors
+headers, rlhf_launch/core/checkpoint_index.py); and the memory plan is recomputed from the configs of cached hub
+models. A hub model missing from the cache is an error for ``--local`` and a warning for a Slurm submission, whose
+nodes may have it. The model of a role the plan does not have is not looked at."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from rlhf_launch.core.model_shape import local_config
 from rlhf_launch.core.plan import build_plan, planned_models
 from rlhf_launch.core.problems import error, warning
 from rlhf_launch.frontend.preflight.findings import Preflight
-from rlhf_launch.frontend.preflight.hub_cache import cached_snapshot, hub_cache
+from rlhf_launch.frontend.preflight.hub_cache import hub_cache, local_folder
+from rlhf_launch.frontend.preflight.remote_code import check_model_code
 
 CAUSAL_LM = ("ForCausalLM", "LMHeadModel")
 SCORER_ARCHS = ("ForSequenceClassification", *CAUSAL_LM)  # loaded by the critic and reward roles
@@ -33,7 +35,7 @@ def model_folder(pf: Preflight, key: str, model_path: str) -> Path | None:
             pf.problems.append(error(key, f"local folder {path} does not exist; expected a Hugging Face model folder"))
             return None
         return path
-    snapshot = cached_snapshot(model_path, "model")
+    snapshot = local_folder(model_path)  # the folder the ranks load (rlhf_launch/core/hub_cache.py)
     if snapshot is None or not (snapshot / "config.json").is_file():
         pf.absent_here(key, (
             f"hub model {model_path!r} is not in this machine's Hugging Face cache ({hub_cache()}) and runs never download: "
@@ -61,6 +63,7 @@ def check_models(pf: Preflight) -> None:
             continue
         pf.configs[role] = cfg
         raw = _raw_config(folder)
+        check_model_code(pf, role, key, folder, raw, model.trust_remote_code)
         archs = architectures(raw)
         if role in ("actor", "reference") and archs and not any(a.endswith(CAUSAL_LM) for a in archs):
             pf.problems.append(error(

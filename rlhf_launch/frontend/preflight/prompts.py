@@ -1,7 +1,11 @@
 """The prompts and their system prompts, through the job's tokenizer: the sampled prompts render through the chat
 template and those longer than max_seq_len are counted; a sample prompt renders with each source's [META] system
 prompt, and, when the reward model reads the policy's tokens, a sample conversation with its [REWARD_META] one (a
-template may refuse system messages)."""
+template may refuse system messages).
+
+A rendered prompt is encoded as it is, without the special tokens the tokenizer adds to plain text: a tokenizer
+that adds a BOS token (Llama-2's post-processor puts <s> first) gets none unless the template renders
+``{{ bos_token }}``, and every role then reads its prompts without it. That is warned about (``check_bos``)."""
 
 from __future__ import annotations
 
@@ -11,11 +15,13 @@ from rlhf_launch.frontend.preflight.findings import SAMPLE_PROMPT, SAMPLE_RESPON
 
 
 def check_prompts(pf: Preflight, tokenizer) -> None:
-    """The sampled prompts render through the chat template; those over max_seq_len are counted."""
+    """The sampled prompts render through the chat template, starting with the BOS token when the tokenizer adds one
+    (``check_bos``); those over max_seq_len are counted."""
+    chat_template = pf.spec.tokenizer_config.chat_template
+    check_bos(pf, "tokenizer_config", tokenizer, chat_template)
     if not pf.prompts:
         return
     limit = pf.spec.dataset_config.max_seq_len
-    chat_template = pf.spec.tokenizer_config.chat_template
     pf.at("dataset_config.ppo_datas", f"the {len(pf.prompts)} sampled prompts")
     lengths = []
     for messages in pf.prompts:
@@ -70,3 +76,45 @@ def render_sample(pf: Preflight, key: str, what: str, tokenizer, messages: Messa
         )))
         return
     pf.notes.append(f"{key} {what}: a sample {'conversation' if answered else 'prompt'} renders to {len(ids)} tokens")
+    if key.startswith("model_configs.") and key.endswith(".tokenizer_config"):  # a model's own tokenizer (the reward's)
+        check_bos(pf, key, tokenizer, chat_template)
+
+
+def added_bos(tokenizer) -> int | None:
+    """The id of the BOS token that ``tokenizer`` (a pre-flight reader) puts before a text it encodes with its special
+    tokens, as the runtime's transformers tokenizer does: tokenizer.json's post-processor, or for a folder without one
+    its add_bos_token setting; None when it adds none."""
+    bos = tokenizer.id_of("bos_token")
+    if bos is None:
+        return None
+    if hasattr(tokenizer, "backend"):  # FastTokenizer: the post-processor of tokenizer.json decides, as in transformers
+        ids = tokenizer.backend.encode("a", add_special_tokens=True).ids
+    else:  # HFTokenizer: ask the runtime's own tokenizer
+        ids = tokenizer.tok("a")["input_ids"]
+    return bos if ids[:1] == [bos] else None
+
+
+def check_bos(pf: Preflight, settings_key: str, tokenizer, chat_template: str | None) -> None:
+    """Warn (once per ``settings_key``, the tokenizer settings' key) when ``tokenizer`` adds a BOS token to the texts it
+    encodes but a sample prompt rendered through the chat template (``chat_template``, else the tokenizer's own) starts
+    without it: prompts are encoded as rendered, so every role would read them without their BOS."""
+    key = f"{settings_key}.chat_template"
+    bos = added_bos(tokenizer)
+    if bos is None or any(p.path == key for p in pf.problems):
+        return
+    sample = pf.prompts[0] if pf.prompts else SAMPLE_PROMPT
+    try:
+        ids = tokenizer.encode(sample, chat_template)
+    except Exception:  # noqa: BLE001 - a failing template is reported by the checks that render the prompts
+        return
+    # Without any chat template the runtime encodes its "Role: content" lines with the special tokens, BOS included.
+    if ids[:1] == [bos]:
+        return
+    if chat_template is not None:
+        which, fix = "this chat template", "start it with '{{ bos_token }}'"
+    else:
+        which, fix = "the tokenizer's own chat template", f"set {key} to that template with '{{{{ bos_token }}}}' first"
+    pf.problems.append(warning(key, (
+        f"the tokenizer adds the BOS token {tokenizer.token_of(bos)!r} (id {bos}) before the texts it encodes, but prompts "
+        f"rendered through {which} start without it (they are encoded as rendered), so every role reads them without it; {fix}"
+    )))

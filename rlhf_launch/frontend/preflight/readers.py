@@ -1,8 +1,9 @@
 """The two readers of a tokenizer folder the pre-flight checks use, alike to their callers (size, special token
 ids, prompts and conversations encoded as the runtime encodes them): ``FastTokenizer`` reads tokenizer.json
 through the ``tokenizers`` library, without torch; ``HFTokenizer`` wraps the runtime's own transformers
-tokenizer, for folders without tokenizer.json or settings only transformers applies. ``load_preflight_tokenizer``
-picks one."""
+tokenizer, for folders without tokenizer.json, settings only transformers applies, or a tokenizer class of its
+own code (its tokenizer_config.json's ``auto_map``: loaded as the runtime loads it, with the settings'
+``trust_remote_code``). ``load_preflight_tokenizer`` picks one."""
 
 from __future__ import annotations
 
@@ -130,6 +131,13 @@ def _json_file(path: Path) -> dict:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json", "vocab.txt")
 
 
+def has_own_code(folder: Path) -> bool:
+    """Whether the tokenizer in ``folder`` is a class of its own code (an AutoTokenizer entry in tokenizer_config.json's
+    auto_map), which only transformers can load as the runtime will."""
+    auto_map = _json_file(folder / "tokenizer_config.json").get("auto_map")
+    return isinstance(auto_map, list) or (isinstance(auto_map, dict) and "AutoTokenizer" in auto_map)
+
+
 def tokenizer_files_problem(folder: Path) -> str | None:
     """Why ``folder`` cannot hold a tokenizer (it has none of its files), or None."""
     if any((folder / name).is_file() for name in TOKENIZER_FILES) or any(folder.glob("*.tiktoken")) or any(folder.glob("*.model")):
@@ -139,22 +147,24 @@ def tokenizer_files_problem(folder: Path) -> str | None:
 
 
 def load_preflight_tokenizer(pf: Preflight, key: str, folder: Path, settings, spec_key: str, fast: bool):
-    """The tokenizer in ``folder`` as the pre-flight reads it: FastTokenizer when ``fast`` and it has a tokenizer.json,
-    else the runtime's, with ``settings`` (a TokenizerConfig at ``spec_key``); None (and a problem at ``key``) when the
-    folder has no tokenizer files or it cannot be loaded."""
+    """The tokenizer in ``folder`` as the pre-flight reads it: FastTokenizer when ``fast`` and it has a tokenizer.json
+    (and is no class of its own code), else the runtime's, with ``settings`` (a TokenizerConfig at ``spec_key``); None
+    (and a problem at ``key``, or at ``spec_key``.trust_remote_code for own code not allowed to run) when the folder
+    has no tokenizer files or it cannot be loaded."""
     problem = tokenizer_files_problem(folder)
     if problem:
         pf.problems.append(error(key, f"{problem}; set {key} to the folder of the model's tokenizer"))
         return None
     try:
-        if fast and (folder / "tokenizer.json").is_file():
+        if fast and (folder / "tokenizer.json").is_file() and not has_own_code(folder):
             return FastTokenizer(folder)
         from rlhf_launch.runtime.data import PromptDataError, load_tokenizer
 
         try:
             return HFTokenizer(load_tokenizer(settings, str(folder), spec_key))
         except PromptDataError as exc:
-            pf.problems.append(error(key, str(exc)))
+            refused = not settings.trust_remote_code and "trust_remote_code" in str(exc)
+            pf.problems.append(error(f"{spec_key}.trust_remote_code" if refused else key, str(exc)))
     except Exception as exc:  # noqa: BLE001 - tokenizers and transformers raise many kinds for a bad file
         pf.problems.append(error(key, f"cannot load the tokenizer in {folder}: {one_line(exc, 300)}"))
     return None

@@ -37,7 +37,7 @@ class ActorRole:
         self.spec, self.sampling, self.timer, self.cluster = spec, sampling, timer, cluster
         # Under ZeRO-3 the model is partitioned while it loads: no rank ever holds all of it.
         self.model = load_causal_lm(cfg.model_path, cfg.torch_dtype, device, zero3_config(spec, "actor", cluster),
-                                    cfg.attn_implementation)
+                                    cfg.attn_implementation, cfg.trust_remote_code, "actor")
         self.policy = PolicyModule(self.model)
         self.trainer = make_trainer(spec, "actor", self.policy, cluster, device)
         self.loss_settings = ActorLossSettings.from_spec(spec)

