@@ -45,10 +45,12 @@ class ModelShape:
 
         With hidden = 128 x layers (the usual aspect ratio) and params ~ 12 x layers x hidden^2,
         layers = (params / (12 x 128^2))^(1/3): 7e9 gives 33 layers of width 4200 (LLaMA-2 7B: 32 x 4096).
+        The MLP width is the widest of today's gated decoders, 3.5 x hidden (InternLM2, Mistral and Llama-3:
+        14336 for 4096; LLaMA-2's is 2.7 x), since a guessed shape must not plan activations low.
         """
         layers = max(1, round((params / (12 * 128**2)) ** (1 / 3)))
         hidden = 128 * layers
-        return ModelShape(params, layers, hidden, hidden, vocab, source)
+        return ModelShape(params, layers, hidden, hidden, vocab, source, intermediate=round(3.5 * hidden))
 
 
 # Vocabulary sizes of model families, for a model known only by its name: the logits of one token take 4 x vocab

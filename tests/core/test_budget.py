@@ -44,7 +44,7 @@ def test_dry_run_shows_them_in_the_table_and_in_json(capsys):
     assert main([str(SEED), "--dry-run"]) == 0
     table = capsys.readouterr().out
     assert "checkpoint GiB" in table and "checkpoint: 182.5 GiB each; disk: 573.7 GiB" in table
-    assert f"preemption notice: {data['signal_seconds']} s" in table and "training 49.1" in table
+    assert f"preemption notice: {data['signal_seconds']} s" in table and "training 52.8" in table
 
 
 def test_a_notice_shorter_than_a_step_and_a_checkpoint_write_is_warned_about(capsys):
