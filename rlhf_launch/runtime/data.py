@@ -514,8 +514,10 @@ def render_prompts(tokenizer, prompts: list[Messages], max_seq_len: int, chat_te
     (System: for system turns), tokenized with the tokenizer's usual special tokens.
 
     A prompt longer than ``max_seq_len`` tokens keeps its LAST ``max_seq_len`` tokens (truncation from
-    the left: the generation prompt and the latest turn survive, the leading bos may not). Rows are
-    left-padded with the pad token, so that every row ends with its generation prompt.
+    the left: the generation prompt and the latest turn survive), except that a prompt rendered with a
+    leading bos keeps it in front of them (``truncate_prompt``): a model trained with one reads every
+    sequence from it. Rows are left-padded with the pad token, so that every row ends with its generation
+    prompt.
     """
     import torch
 
@@ -523,7 +525,8 @@ def render_prompts(tokenizer, prompts: list[Messages], max_seq_len: int, chat_te
         raise PromptDataError("the tokenizer has no padding token: set tokenizer_config.pad_token_id")
     if not prompts:
         raise ValueError("render_prompts needs at least one prompt")
-    rows = [encode_prompt(tokenizer, messages, chat_template)[-max_seq_len:] for messages in prompts]
+    rows = [truncate_prompt(encode_prompt(tokenizer, messages, chat_template), max_seq_len, tokenizer.bos_token_id)
+            for messages in prompts]
     width = max(len(row) for row in rows)
     input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -531,6 +534,15 @@ def render_prompts(tokenizer, prompts: list[Messages], max_seq_len: int, chat_te
         input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
         attention_mask[i, width - len(row):] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def truncate_prompt(ids: list[int], max_len: int, bos_token_id: int | None) -> list[int]:
+    """A prompt's last ``max_len`` token ids; one that starts with the bos token keeps it first."""
+    if len(ids) <= max_len:
+        return ids
+    if bos_token_id is not None and ids and ids[0] == bos_token_id and max_len > 1:
+        return [ids[0], *ids[len(ids) - max_len + 1:]]
+    return ids[len(ids) - max_len:]
 
 
 def encode_prompt(tokenizer, messages: Messages, chat_template: str | None = None) -> list[int]:

@@ -26,6 +26,7 @@ from rlhf_launch.runtime.data import (
     load_tokenizer,
     parse_hh_dialogue,
     render_prompts,
+    truncate_prompt,
 )
 
 PROMPTS_DIR = Path(__file__).resolve().parents[2] / "data" / "prompts"
@@ -404,14 +405,37 @@ def test_chat_template_rendering_and_left_padding(tokenizer):
     assert attention_mask[0, 0] == 0 and attention_mask[1].all()  # the short prompt is the padded one
 
 
-def test_truncation_keeps_the_last_tokens(tokenizer):
+def test_truncation_keeps_the_last_tokens_behind_the_leading_bos(tokenizer):
     prompt = [user("Summarize the history of honey bees in two sentences.")]
     full = render_prompts(tokenizer, [prompt], max_seq_len=512)["input_ids"][0].tolist()
-    assert len(full) > 6
+    assert len(full) > 6 and full[0] == tokenizer.bos_token_id
     short = render_prompts(tokenizer, [prompt, [user("Hi")]], max_seq_len=6)
     assert short["input_ids"].shape[1] == 6
-    assert short["input_ids"][0].tolist() == full[-6:]
+    assert short["input_ids"][0].tolist() == [tokenizer.bos_token_id, *full[-5:]]
     assert short["attention_mask"][0].all()
+
+
+def test_truncation_without_a_leading_bos_keeps_the_last_tokens(tokenizer):
+    prompt = [user("Summarize the history of honey bees in two sentences.")]
+    full = render_prompts(tokenizer, [prompt], max_seq_len=512, chat_template=CUSTOM_TEMPLATE)["input_ids"][0].tolist()
+    assert len(full) > 6 and tokenizer.bos_token_id not in full
+    short = render_prompts(tokenizer, [prompt], max_seq_len=6, chat_template=CUSTOM_TEMPLATE)["input_ids"][0].tolist()
+    assert short == full[-6:]
+
+
+def test_truncate_prompt_against_a_plain_loop():
+    def expected(ids, max_len, bos):
+        if len(ids) <= max_len:
+            return list(ids)
+        keep_bos = bos is not None and ids[0] == bos and max_len > 1  # one token left: the generation prompt's last
+        room = max_len - 1 if keep_bos else max_len
+        kept = [ids[position] for position in range(len(ids)) if position >= len(ids) - room]
+        return [bos, *kept] if keep_bos else kept
+
+    for ids in ([1, 5, 6, 7, 8], [5, 6, 7, 8], [1], [1, 1, 2], []):
+        for max_len in (1, 2, 3, 10):
+            for bos in (1, None):
+                assert truncate_prompt(ids, max_len, bos) == expected(ids, max_len, bos), (ids, max_len, bos)
 
 
 CUSTOM_TEMPLATE = (
